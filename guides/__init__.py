@@ -1,0 +1,1 @@
+"""Pyro guides (variational families), installed as ``pyro_kpp.guides``."""

@@ -1,0 +1,44 @@
+"""The Kanerva++ guide: q(Y | X) q(Z | X) (K++ §3.2 eq. 4, §3.3 eq. 6, §3.5).
+
+* Keys: q(y_t | X) = N(mu_key(e_t), sigma_key(e_t)), one Gaussian over the K keys of
+  image t, each key in R^3 (eq. 6).
+* Codes: q(z_t | X) = N(mu_z(e_t), sigma_z(e_t)), the paper's "stable" training branch
+  (§3.5, Fig. 5 top): the code is inferred from the embedding, not from the memory;
+  the memory enters the bound through the learned prior p(z | M, y) in the model.
+
+e_t is the embedding of image t from the shared encoder (the model's f_enc), so both
+factors may use information from the whole episode when the encoder mixes it.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from pyro_kpp.nets import GaussianHead
+from pyro_kpp.spatial import KEY_DIM
+
+
+class KppGuide(PyroModule):
+    """The guide's networks and its sampling statements; called with E (B, T, D)."""
+
+    def __init__(self, embed_size: int, reads: int, code_size: int, hidden: int):
+        super().__init__()
+        self.reads = reads
+        self.key_head = GaussianHead(embed_size, reads * KEY_DIM, hidden)
+        self.code_head = GaussianHead(embed_size, code_size, hidden)
+
+    def key_posterior(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """loc, scale of q(y_t | X): (B, T, K, 3) each, from E (B, T, D)  (eq. 6)."""
+        loc, scale = self.key_head(E)                                 # (B, T, K*3)
+        shape = (*E.shape[:2], self.reads, KEY_DIM)
+        return loc.reshape(shape), scale.reshape(shape)               # (B, T, K, 3)
+
+    def forward(self, E: torch.Tensor) -> None:
+        B, T = E.shape[:2]
+        key_loc, key_scale = self.key_posterior(E)                    # (B, T, K, 3)
+        z_loc, z_scale = self.code_head(E)                            # (B, T, L)
+        with pyro.plate("episodes", B, dim=-2), pyro.plate("images", T, dim=-1):
+            pyro.sample("keys", dist.Normal(key_loc, key_scale).to_event(2))
+            pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))

@@ -1,0 +1,1 @@
+"""Pyro generative programs, installed as ``pyro_kpp.models``."""

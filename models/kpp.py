@@ -1,0 +1,101 @@
+"""Kanerva++ as a Pyro program (Ramapuram, Wu & Kalousis, ICLR 2021, §3).
+
+Generative program for B episodes of T images, x: (B, T, C, H, W):
+
+    E = f_enc(X)                         embedding, one e_t per image        (§3.3)
+    M = f_mem(mean_t e_t)                deterministic memory, C x H x W     (§3.3, eq. 5)
+    y_tk ~ N(0, I_3),  k = 1..K          read keys                           (§3.4)
+    M_hat_t = [f_ST(M, y_t1), ..., f_ST(M, y_tK)]   K windows stacked on channels (eq. 5)
+    z_t ~ N(mu_z(M_hat_t), sigma_z(M_hat_t))        learned prior p(z | M, y)  (eq. 4)
+    x_t ~ p(x | z_t)                     decoder, Bernoulli for binarized data
+
+With the guide q(y|X) q(z|X) (``pyro_kpp.guides.kpp``), Pyro's ELBO of this program is
+eq. 4 summed over the episode:  sum_t E[ln p(x_t|z_t)] - E_q(y)[KL(q(z_t|X) || p(z_t|M,y_t))]
+- KL(q(y_t|X) || p(y_t)). Nothing is divided by T inside the model; the per-image figure is
+the episode's bound divided by T, taken once, in ``pyro_kpp.bound``.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_kpp.config import Config
+from pyro_kpp.episodic import EpisodicModel, Memory
+from pyro_kpp.guides.kpp import KppGuide
+from pyro_kpp.nets import ConvGaussianHead, MemoryWriter, over_leading
+from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
+
+
+class KanervaPlusPlus(EpisodicModel):
+    """K++: deterministic block memory read through spatial-transformer windows."""
+
+    def __init__(self, cfg: Config, name: str = "kpp"):
+        super().__init__(cfg, name)
+        mem_c = cfg.memory_shape[0]
+        window = (cfg.window, cfg.window)
+        self.writer = MemoryWriter(cfg.embed_size, cfg.memory_shape, cfg.writer_channels)
+        self.reader = SpatialTransformerRead(window)
+        self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
+        self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden)
+
+    # -- pieces named after the paper's equations ------------------------------------------
+    def write_memory(self, E: torch.Tensor) -> torch.Tensor:
+        """M = f_mem(mean_t e_t): (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
+        return self.writer(E.mean(dim=1))
+
+    def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
+        """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""
+        windows = self.reader(memory, keys)                      # (..., B, T, K, C, h, w)
+        stacked = windows.flatten(-4, -3)                        # (..., B, T, K*C, h, w)
+        return over_leading(self.prior_net, stacked, 3)          # 2 x (..., B, T, L)
+
+    # -- Pyro program and guide --------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        B, T = x.shape[:2]
+        memory = self.write_memory(self.embed(x))                # (B, C, H, W)
+        key_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.reads, KEY_DIM])
+        with pyro.plate("episodes", B, dim=-2):
+            pyro.deterministic("memory", memory.unsqueeze(1), event_dim=3)  # (B, 1, C, H, W)
+            with pyro.plate("images", T, dim=-1):
+                keys = pyro.sample("keys", key_prior.to_event(2))          # (..., B, T, K, 3)
+                z_loc, z_scale = self.code_prior(memory, keys)
+                z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))  # (..., B, T, L)
+                pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        self.q(self.embed(x))
+
+    # -- memory API ----------------------------------------------------------------------------
+    def write(self, x: torch.Tensor) -> Memory:
+        return Memory(self, self.write_memory(self.embed(x)))
+
+    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean keys of q(y | X): (B, T, K, 3)  (used by reconstruction, eq. 7)."""
+        return self.q.key_posterior(self.embed(x))[0]
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Keys from the prior N(0, I): (B, n, K, 3)."""
+        B = memory.episodes
+        m = memory.value
+        return torch.randn(B, n, self.cfg.reads, KEY_DIM, generator=generator,
+                           device=m.device, dtype=m.dtype)
+
+    def check_keys(self, memory: Memory, keys: torch.Tensor) -> None:
+        B, K = memory.episodes, self.cfg.reads
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != B \
+                or tuple(keys.shape[2:]) != (K, KEY_DIM):
+            got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ValueError(f"keys: expected shape ({B}, N, {K}, {KEY_DIM}) for this memory of "
+                             f"{B} episodes and K={K} reads, got {got}")
+        if not bool(torch.isfinite(keys).all()):
+            raise ValueError("keys: contains NaN or Inf values")
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, N, C', H, W) of images read with keys (B, N, K, 3)  (§3.4)."""
+        self.check_keys(memory, keys)
+        z_loc, z_scale = self.code_prior(memory.value, keys)     # (B, N, L)
+        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
+                                          dtype=z_loc.dtype) if sample_z else z_loc
+        return self.decode(z)

@@ -1,0 +1,73 @@
+"""The user-facing API: ``load``, ``write``, ``sample``.
+
+    model = pyro_kpp.load("runs/omniglot-kpp")
+    memory = pyro_kpp.write(model, episode)          # episode: (T, C, H, W) or (B, T, C, H, W)
+    images = pyro_kpp.sample(memory, n=16)           # (B, 16, C, H, W) probabilities
+    images = pyro_kpp.sample(memory, keys, binary=True)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .device import resolve_device
+from .episodic import EpisodicModel, Memory
+from .registry import build_model
+
+
+def model_from_state(state: dict, device: torch.device | str = "cpu") -> EpisodicModel:
+    """Rebuild a model from a checkpoint dict (config + weights)."""
+    cfg = Config.from_dict(state["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint: its weights do not fit a {cfg.model!r} model with this config: {exc}") from None
+    return model.to(device)
+
+
+def load(run_dir: str | os.PathLike, device: str = "cpu") -> EpisodicModel:
+    """The trained model of a run directory (or checkpoint file), in eval mode."""
+    state = load_checkpoint(run_dir, map_location="cpu")
+    return model_from_state(state, resolve_device(device)).eval()
+
+
+def _as_batch(episode: torch.Tensor) -> torch.Tensor:
+    if isinstance(episode, torch.Tensor) and episode.dim() == 4:
+        return episode.unsqueeze(0)                 # (T, C, H, W) -> (1, T, C, H, W)
+    return episode
+
+
+@torch.no_grad()
+def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
+    """Write episodes into memory. ``episode``: (T, C, H, W) or (B, T, C, H, W) on the model's device."""
+    if not isinstance(model, EpisodicModel):
+        raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
+    x = _as_batch(episode)
+    model.check_episode(x, "episode")
+    return model.write(x)
+
+
+@torch.no_grad()
+def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary: bool = False,
+           sample_z: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images read from a written memory: (B, N, C, H, W).
+
+    keys: (B, N, K, 3) for K++ (the addressing variables for KM/DKM); drawn from the key
+    prior when omitted (then N = ``n``). Returns pixel probabilities, or binary images
+    drawn from them when ``binary=True``. ``sample_z=False`` decodes the prior mean code.
+    """
+    if not isinstance(memory, Memory):
+        raise TypeError(f"memory: expected a Memory from pyro_kpp.write, got {type(memory).__name__}")
+    model = memory.model
+    if keys is None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        keys = model.prior_keys(memory, n, generator=generator)
+    params = model.generate(memory, keys, sample_z=sample_z, generator=generator)
+    if binary:
+        return model.likelihood.sample(params, generator=generator)
+    return model.likelihood.mean(params)

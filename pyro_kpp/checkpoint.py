@@ -1,0 +1,92 @@
+"""Self-describing checkpoints, written atomically (temporary file, fsync, rename).
+
+A checkpoint is one dict (nanoGPT style)::
+
+    {"format": "pyro_kpp.checkpoint", "format_version": 1, "pyro_kpp_version": ...,
+     "config": Config.to_dict(), "model": state_dict, "optimizer": state_dict,
+     "epoch": e, "epoch_step": s, "step": n, "rng": {...}, "metrics": [...]}
+
+``epoch``/``epoch_step`` say where training resumes: step ``epoch_step`` of epoch ``epoch``
+(the data order is a function of the seed and the epoch, so that is the whole data state).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "pyro_kpp.checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not one of ours."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def find_checkpoint(location: str | os.PathLike) -> Path:
+    """A checkpoint file from a run directory or a file path."""
+    p = Path(location)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint: no checkpoint at {p} (expected a run directory holding "
+                              f"{CHECKPOINT_NAME}, or a checkpoint file)")
+    return p
+
+
+def load_checkpoint(location: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and check a checkpoint; errors name the file and what is wrong with it."""
+    path = find_checkpoint(location)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint: {path} is not a pyro_kpp checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint: {path} has format version {state.get('format_version')!r}, "
+                              f"this pyro_kpp reads version {FORMAT_VERSION}")
+    return state
+
+
+def rng_state() -> dict:
+    """RNG states of python, numpy and torch (CPU and, when present, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

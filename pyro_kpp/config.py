@@ -1,0 +1,88 @@
+"""The run configuration: one flat, self-describing dataclass saved in every checkpoint.
+
+Defaults are the paper's where it gives a value (K = 2 reads, a 3 x 64 x 64 memory, key
+dimension 3) and otherwise chosen so an Omniglot epoch takes well under a minute on a
+2-core CPU (see the README's "Choices" section for the reasons).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = "kpp"
+    data: str = "omniglot"
+    data_dir: str | None = None
+    likelihood: str = "bernoulli"
+    image_shape: tuple[int, int, int] = (1, 28, 28)   # filled in from the data set
+    # episodes
+    episode_length: int = 32          # T (KM/DKM use 32 on Omniglot)
+    batch_size: int = 8               # B episodes per step
+    # K++ memory and reads
+    reads: int = 2                    # K (paper: 2)
+    memory_shape: tuple[int, int, int] = (3, 64, 64)  # C x H x W (paper)
+    window: int = 16                  # h = w of each read window
+    writer_channels: int = 64         # base channels of f_mem (paper: 256)
+    # sizes shared by all models
+    code_size: int = 64               # L, dimension of z
+    embed_size: int = 256             # D, dimension of e_t
+    hidden: int = 256                 # units of the dense heads
+    # optimisation
+    elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
+    lr: float = 1e-3
+    clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
+    epochs: int = 100
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    eval_episodes: int | None = None  # cap on test episodes evaluated each epoch (None: all)
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self):
+        self.image_shape = tuple(self.image_shape)
+        self.memory_shape = tuple(self.memory_shape)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ["episode_length", "batch_size", "reads", "window", "writer_channels",
+                    "code_size", "embed_size", "hidden", "epochs"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
+        if self.eval_episodes is not None and self.eval_episodes < 1:
+            raise ValueError(f"eval_episodes: expected a positive integer or None, got {self.eval_episodes!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if len(self.memory_shape) != 3 or min(self.memory_shape) < 1:
+            raise ValueError(f"memory_shape: expected three positive sizes C,H,W, got {self.memory_shape!r}")
+        _, mh, mw = self.memory_shape
+        if self.window % 4:
+            raise ValueError(f"window: expected a multiple of 4 (the prior net halves it twice), got {self.window}")
+        if self.window > min(mh, mw):
+            raise ValueError(f"window: {self.window} is larger than the memory {mh}x{mw}")
+        if self.elbo not in ("trace", "meanfield"):
+            raise ValueError(f"elbo: expected 'trace' or 'meanfield', got {self.elbo!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        if d.get("version") != CONFIG_VERSION:
+            raise ValueError(
+                f"config: this checkpoint's config has version {d.get('version')!r}, "
+                f"this pyro_kpp reads version {CONFIG_VERSION}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown} (written by another pyro_kpp version?)")
+        return cls(**d)

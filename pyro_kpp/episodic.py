@@ -1,0 +1,124 @@
+"""What every model in this package shares: episodes in, a Pyro model and guide, a memory out.
+
+An episode batch ``x`` has shape (B, T, C, H, W): B episodes of T images. Each model is a
+single named ``PyroModule`` root (so its parameters never collide with another model's in
+Pyro's global parameter store) exposing
+
+* ``model(x)`` and ``guide(x)``: the generative program and its guide, with the plates
+  ``episodes`` (dim -2, size B) and ``images`` (dim -1, size T);
+* ``write(x) -> Memory``: the memory written from episodes;
+* ``infer_keys(x)``: the guide's posterior-mean keys (addresses) for each image;
+* ``generate(memory, keys)``: likelihood parameters of images read with given keys;
+* ``prior_keys(memory, n)``: keys drawn from the model's key prior.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pyro.nn import PyroModule
+
+from .config import Config
+from .likelihoods import make_likelihood
+from .nets import ConvDecoder, ConvEncoder, over_leading
+
+
+@dataclass
+class Memory:
+    """A written memory and the model that wrote it (needed to read and decode from it).
+
+    ``value`` is the model's memory state for B episodes: a (B, C, H, W) tensor for K++,
+    the matrix-normal parameters for KM and DKM.
+    """
+
+    model: "EpisodicModel"
+    value: Any
+
+    @property
+    def episodes(self) -> int:
+        v = self.value
+        return (v[0] if isinstance(v, tuple) else v).shape[0]
+
+
+class EpisodicModel(PyroModule):
+    """Base class: shared encoder, decoder, likelihood, input checks and embedding reuse."""
+
+    def __init__(self, cfg: Config, name: str):
+        super().__init__(name)
+        self.cfg = cfg
+        self.likelihood = make_likelihood(cfg.likelihood)
+        c = cfg.image_shape[0]
+        self.encoder = ConvEncoder(cfg.image_shape, cfg.embed_size)
+        self.decoder = ConvDecoder(cfg.code_size, cfg.image_shape, self.likelihood.out_channels(c))
+        self._embedding_cache: dict | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+    def check_episode(self, x: torch.Tensor, argname: str = "episode") -> tuple[int, int]:
+        """Validate an episode batch (B, T, C, H, W); returns (B, T)."""
+        shape = tuple(self.cfg.image_shape)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{argname}: expected a torch.Tensor of shape (B, T, {', '.join(map(str, shape))}), "
+                            f"got {type(x).__name__}")
+        if x.dim() != 5 or tuple(x.shape[2:]) != shape:
+            raise ValueError(f"{argname}: expected shape (B, T, {', '.join(map(str, shape))}), "
+                             f"got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{argname}: expected a floating-point tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{argname}: contains NaN or Inf values")
+        self.likelihood.check(x, argname)
+        return x.shape[0], x.shape[1]
+
+    # -- shared embedding -----------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """E = f_enc(X): (B, T, C, H, W) -> (B, T, D).
+
+        Inside ``reuse_embedding()`` the result is cached for the tensor ``x``: Pyro runs the
+        guide and then the model on the same episodes, and both need E (the guide for
+        q(y|X), q(z|X); the model for the memory write), so the encoder runs once per
+        ELBO evaluation instead of twice. Outside that context nothing is cached.
+        """
+        cache = self._embedding_cache
+        if cache is not None and cache.get("x") is x:
+            return cache["E"]
+        self.check_episode(x)
+        E = over_leading(self.encoder, x, 3)                    # (B, T, D)
+        if cache is not None:
+            cache.update(x=x, E=E)
+        return E
+
+    @contextlib.contextmanager
+    def reuse_embedding(self):
+        """Share one encoder pass between guide and model (see ``embed``)."""
+        previous = self._embedding_cache
+        self._embedding_cache = {}
+        try:
+            yield
+        finally:
+            self._embedding_cache = previous
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters (..., C', H, W) from codes z (..., L)."""
+        return over_leading(self.decoder, z, 1)
+
+    # -- the interface each model implements ----------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def guide(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def write(self, x: torch.Tensor) -> Memory:
+        raise NotImplementedError
+
+    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError

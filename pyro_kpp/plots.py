@@ -1,0 +1,41 @@
+"""Image grids written during training and by the API (PNG, via torchvision)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from .episodic import EpisodicModel
+
+
+def save_rows(rows: list[torch.Tensor], path: str | Path) -> Path:
+    """Save image rows (each (N, C, H, W) in [0, 1]) as one grid, one row per tensor."""
+    n = min(r.shape[0] for r in rows)
+    grid = torch.cat([r[:n].float().cpu() for r in rows])
+    path = Path(path)
+    save_image(grid, path, nrow=n, padding=1, pad_value=0.5)
+    return path
+
+
+@torch.no_grad()
+def reconstruction_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16) -> list[torch.Tensor]:
+    """Rows for the first episode of ``x``: data, and its reconstruction read from memory.
+
+    The reconstruction writes the episode, infers each image's keys with the guide (posterior
+    means) and decodes the memory read at those keys (K++ §3.5, generation branch).
+    """
+    x = x[:1, :n]
+    memory = model.write(x)
+    params = model.generate(memory, model.infer_keys(x), sample_z=False)
+    return [x[0], model.likelihood.mean(params)[0]]
+
+
+@torch.no_grad()
+def sample_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16, rows: int = 4,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """``rows`` rows of samples read from the memory of the first episode with prior keys."""
+    memory = model.write(x[:1])
+    keys = model.prior_keys(memory, n * rows, generator=generator)
+    probs = model.likelihood.mean(model.generate(memory, keys, generator=generator))[0]
+    return list(probs.split(n))

@@ -1,0 +1,93 @@
+"""Spatial-transformer reads from a block memory, f_ST(M, y) (K++ §3.2 eq. 5, Appendix A).
+
+A key y = (y0, y1, y2) in R^3 becomes the affine transform
+
+    theta = [[s, 0, x],
+             [0, s, y]],   s = tanh(y0), x = tanh(y1), y = tanh(y2),
+
+which maps the coordinates of an h x w output window into the memory's normalised
+coordinate frame [-1, 1]^2 (centre (0, 0)); bilinear sampling (`grid_sample`) then reads
+the window (Appendix A eq. 9).
+
+Choices where the paper is silent (also in the README):
+
+* **Squashing.** Appendix A says only that s, x and y are bounded to [-1, 1]. We use tanh
+  on each key component: smooth, centred on the N(0, I) key prior, so a prior draw lands
+  on windows of every scale and position. A negative s mirrors the window, as the affine
+  form allows.
+* **Out-of-range reads** (|x| + |s| > 1) read zeros (`padding_mode="zeros"`): there is no
+  memory there, and no gradient flows anywhere from those taps.
+* **align_corners=False**: pixels are squares covering [-1, 1]. With this convention a key
+  whose s equals w / W and whose translation is on the pixel lattice reads an exact
+  h x w block of the memory (`exact_window_keys` builds such keys; the tests rely on it).
+
+Efficiency: all windows of an episode are sampled by a single `grid_sample` call against
+that episode's memory: the per-window grids are stacked along the output's height, so the
+memory is never copied per read, and only the memory cells under some window's bilinear
+taps receive gradient (K++ §3.4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+
+KEY_DIM = 3  # (scale, x, y), K++ §3.2: y_tk in R^3
+
+
+def key_to_theta(keys: torch.Tensor) -> torch.Tensor:
+    """Affine matrices (..., 2, 3) from keys (..., 3), each component squashed by tanh."""
+    s, tx, ty = torch.tanh(keys).unbind(-1)
+    zero = torch.zeros_like(s)
+    return torch.stack(
+        [torch.stack([s, zero, tx], -1), torch.stack([zero, s, ty], -1)], -2
+    )
+
+
+def exact_window_keys(top: int, left: int, window: tuple[int, int], memory_hw: tuple[int, int]):
+    """The key that reads memory[..., top:top+h, left:left+w] exactly (square windows only).
+
+    With align_corners=False, output pixel i samples memory pixel i + (t - s + 1) W / 2,
+    so s = w / W and t = 2 * offset / W + s - 1 put the taps on pixel centres.
+    """
+    (h, w), (H, W) = window, memory_hw
+    if h / H != w / W:
+        raise ValueError("exact_window_keys needs h / H == w / W (one scale s for both axes)")
+    s = w / W
+    tx = 2.0 * left / W + s - 1.0
+    ty = 2.0 * top / H + s - 1.0
+    return torch.atanh(torch.tensor([s, tx, ty], dtype=torch.float64)).float()
+
+
+class SpatialTransformerRead(PyroModule):
+    """f_ST: read K windows of size h x w per image from a (B, C, H, W) memory.
+
+    ``forward(memory, keys)`` takes keys of shape (..., B, T, K, 3) (any leading sample
+    dimensions, e.g. importance particles) and returns windows (..., B, T, K, C, h, w).
+    """
+
+    def __init__(self, window: tuple[int, int]):
+        super().__init__()
+        self.window = tuple(window)
+
+    def forward(self, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        B, C = memory.shape[:2]
+        h, w = self.window
+        lead = keys.shape[:-4]                                  # leading sample dims
+        if keys.shape[-4] != B or keys.shape[-1] != KEY_DIM:
+            raise ValueError(
+                f"keys: expected shape (..., {B}, T, K, {KEY_DIM}) for a memory of "
+                f"{B} episodes, got {tuple(keys.shape)}"
+            )
+        per_episode = keys.movedim(-4, 0)                       # (B, ..., T, K, 3)
+        inner = per_episode.shape[1:-1]                         # (..., T, K)
+        flat = per_episode.reshape(B, -1, KEY_DIM)              # (B, n, 3), n = windows per episode
+        n = flat.shape[1]
+        theta = key_to_theta(flat).reshape(B * n, 2, 3)
+        grid = F.affine_grid(theta, [B * n, C, h, w], align_corners=False)  # (B n, h, w, 2)
+        grid = grid.reshape(B, n * h, w, 2)                     # stack windows along height
+        out = F.grid_sample(memory, grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)                # (B, C, n h, w)
+        out = out.reshape(B, C, n, h, w).movedim(2, 1)          # (B, n, C, h, w)
+        out = out.reshape(B, *inner, C, h, w)                   # (B, ..., T, K, C, h, w)
+        return out.movedim(0, len(lead))                        # (..., B, T, K, C, h, w)

@@ -1,0 +1,239 @@
+"""Training CLI: ``python -m pyro_kpp.svi --data omniglot [--model kpp] ...``.
+
+One explicit loop (nanoGPT style). The loss is Pyro's ``Trace_ELBO`` (or
+``TraceMeanField_ELBO``) used as a differentiable loss with a plain ``torch.optim.Adam``
+over the model's parameters: one fused/foreach optimizer for the whole model and global
+gradient-norm clipping, which Pyro's per-tensor ``PyroOptim``/``ClippedAdam`` do not give.
+
+Each epoch: train on every training image once (random episodes, fresh binarization),
+evaluate the negative conditional bound on the fixed test episodes, write image grids,
+append a line to ``metrics.jsonl`` and save ``checkpoint.pt`` (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .api import model_from_state
+from .bound import evaluate, make_elbo, training_loss
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config
+from .device import resolve_device
+from .plots import reconstruction_rows, sample_rows, save_rows
+from .registry import MODELS, build_model
+
+# CLI flag -> Config field, for the options that map one to one.
+FLAGS = {
+    "model": "model", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
+    "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
+    "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
+    "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
+    "lr": "lr", "clip_norm": "clip_norm", "epochs": "epochs", "max_steps": "max_steps",
+    "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
+}
+# Options that may change when resuming a run (they do not change the model or data order).
+RESUMABLE = {"epochs", "max_steps", "device", "eval_episodes", "data_dir"}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,64,64), got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(prog="python -m pyro_kpp.svi", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--model", choices=sorted(MODELS), help=f"model (default {d.model})")
+    p.add_argument("--data", choices=data_lib.DATASETS, help=f"data set (default {d.data})")
+    p.add_argument("--data-dir", help="data root (default: $PYRO_KPP_DATA, else a per-user cache folder)")
+    p.add_argument("--likelihood", help=f"observation model (default {d.likelihood})")
+    p.add_argument("-T", "--episode-length", type=int, help=f"images per episode (default {d.episode_length})")
+    p.add_argument("-B", "--batch-size", type=int, help=f"episodes per step (default {d.batch_size})")
+    p.add_argument("-K", "--reads", type=int, help=f"K++ reads per image (default {d.reads})")
+    p.add_argument("--memory-shape", type=parse_shape, help="K++ memory C,H,W (default 3,64,64)")
+    p.add_argument("--window", type=int, help=f"K++ read window h=w (default {d.window})")
+    p.add_argument("--writer-channels", type=int, help=f"base channels of f_mem (default {d.writer_channels})")
+    p.add_argument("--code-size", type=int, help=f"dimension L of z (default {d.code_size})")
+    p.add_argument("--embed-size", type=int, help=f"embedding size (default {d.embed_size})")
+    p.add_argument("--hidden", type=int, help=f"units of dense heads (default {d.hidden})")
+    p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--eval-episodes", type=int, help="test episodes evaluated each epoch (default: all)")
+    p.add_argument("--run-dir", help="where to write checkpoints, metrics and images "
+                                     "(default runs/<data>-<model>-<time>, or the resumed run)")
+    p.add_argument("--resume", help="run directory or checkpoint file to resume from")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, resume_state: dict | None) -> Config:
+    """The run's config: defaults <- checkpoint (when resuming) <- explicit CLI options."""
+    given = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS}
+    if resume_state is None:
+        return Config(**given)
+    base = Config.from_dict(resume_state["config"])
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(base, k) != v)
+    if changed:
+        raise ValueError(f"--resume: options {changed} differ from the checkpoint's config; a resumed run "
+                         f"keeps its model and data (only {sorted(RESUMABLE)} may change)")
+    return Config(**{**base.to_dict(), **given})
+
+
+def test_batches(episodes: data_lib.Episodes, max_episodes: int | None):
+    """The fixed test episodes, capped at ``max_episodes`` episodes."""
+    if max_episodes is None:
+        yield from episodes.test_episodes()
+        return
+    left = max_episodes
+    for x in episodes.test_episodes():
+        if left <= 0:
+            return
+        yield x[:left]
+        left -= x.shape[0]
+
+
+def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
+    images = run_dir / "images"
+    images.mkdir(exist_ok=True)
+    was_training = model.training
+    model.eval()
+    save_rows(reconstruction_rows(model, x), images / f"reconstructions_{epoch:04d}.png")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    save_rows(sample_rows(model, x, generator=gen), images / f"samples_{epoch:04d}.png")
+    model.train(was_training)
+
+
+def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
+          progress: bool = True) -> list[dict]:
+    """Train ``cfg`` in ``run_dir``; returns the metrics of every epoch run here."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    data = data_lib.load_dataset(cfg.data, cfg.data_dir)
+    cfg.image_shape = tuple(data.image_shape)
+    episodes = data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, device=device)
+
+    pyro.set_rng_seed(cfg.seed)
+    if resume_state is None:
+        model = build_model(cfg).to(device)
+    else:
+        model = model_from_state(resume_state, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch, epoch_step, step = 0, 0, 0
+    loss_sum, loss_count = 0.0, 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        epoch, epoch_step, step = resume_state["epoch"], resume_state["epoch_step"], resume_state["step"]
+        loss_sum, loss_count = resume_state["epoch_loss"]
+        set_rng_state(resume_state["rng"])
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    elbo = make_elbo(cfg.elbo)
+    metrics_path = run_dir / "metrics.jsonl"
+    history = []
+    first_test = next(iter(episodes.test_episodes()))
+    steps_per_epoch = episodes.steps_per_epoch()
+    start_time = time.time()
+
+    def checkpoint():
+        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
+            "rng": rng_state(), "pyro_kpp_version": __import__("pyro_kpp").__version__,
+        })
+
+    model.train()
+    while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
+        epoch_start = time.time()
+        batches = episodes.train_epoch(epoch, start_step=epoch_step)
+        bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}",
+                   unit="step", disable=not progress, dynamic_ncols=True)
+        running = None
+        for x in bar:
+            loss = training_loss(model, x, elbo)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            value = loss.item()
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            running = value if running is None else 0.95 * running + 0.05 * value
+            epoch_step += 1
+            step += 1
+            bar.set_postfix_str(f"bound {running:.2f} nats/image")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        bar.close()
+        epoch_done = epoch_step >= steps_per_epoch
+        train_seconds = time.time() - epoch_start
+        # Evaluation and images draw from their own seeded RNG stream, so they neither
+        # perturb training (an interrupted-and-resumed run stays identical) nor differ
+        # between epochs except through the parameters.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 1)
+            test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
+            write_images(model, first_test, run_dir, epoch, cfg.seed)
+        record = {
+            "epoch": epoch, "step": step, "epoch_complete": epoch_done,
+            "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
+            "test_images": test["images"], "train_seconds": round(train_seconds, 2),
+            "wall_seconds": round(time.time() - start_time, 2),
+        }
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress or not sys.stderr.isatty():
+            print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
+                  f"test bound {record['test_bound']:.2f} nats/image ({train_seconds:.0f} s)",
+                  file=sys.stderr, flush=True)
+        if epoch_done:
+            epoch, epoch_step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+        checkpoint()
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resume_state = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
+        cfg = config_from_args(args, resume_state)
+        if getattr(args, "run_dir", None):
+            run_dir = Path(args.run_dir)
+        elif resume_state is not None:
+            run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        else:
+            run_dir = Path("runs") / f"{cfg.data}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False))
+    except (ValueError, TypeError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    if history:
+        print(json.dumps(history[-1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,591 @@
+"""Data sets and the episode sampler.
+
+Data sets
+---------
+``load_dataset(name)`` returns an :class:`ImageData` with uint8 tensors of shape (N, C, H, W)
+whose grey level 255 means ink (a pen stroke, a garment, a digit) and 0 means background.
+
+* ``omniglot``: the 28x28 Omniglot of Burda et al. (2016) as used by the Kanerva Machine papers.
+  Protocol (fixed, the cache and every experiment depend on it):
+
+  1. all 32,460 PNGs of BOTH torchvision folders, ``omniglot-py/images_background`` (19,280) and
+     ``omniglot-py/images_evaluation`` (13,180), in sorted relative-path order;
+  2. each 105x105 1-bit PNG -> float grey in [0, 1] inverted so that strokes are 1 (the files
+     have a white background), resized to 28x28 with bilinear interpolation and antialiasing
+     (``torchvision.transforms.functional.resize(t, [28, 28], antialias=True)``), stored as
+     ``uint8 = round(255 * v)``;
+  3. a random split, drawn once with ``SPLIT_SEED`` (independent of any training seed), into
+     24,345 train / 8,115 test images over all alphabets (each split kept in path order);
+  4. labels = the global character id parsed from the file name ``CCCC_DD.png``, minus 1
+     (0..1622).
+
+  The PNGs are decoded once and the tensors cached in ``cache_dir()`` (never in the data
+  folder, which may be read-only); the file name of the cache carries a hash of the data root
+  and of the file list, so a different folder gets a different cache.
+
+* ``fashion-mnist`` / ``mnist``: torchvision's files under ``<root>/FashionMNIST/raw`` and
+  ``<root>/MNIST/raw``, with their native 60,000 / 10,000 split and class labels.
+
+Where the data live: ``resolve_data_dir`` (explicit argument > ``$PYRO_KPP_DATA`` >
+``cache_dir()/"data"``). A data set missing there is downloaded with torchvision unless
+offline (argument ``offline=True`` or ``$PYRO_KPP_OFFLINE=1``); every problem a user can fix
+raises :class:`DataError` naming the folder, what was expected and what was found.
+
+Episodes
+--------
+:class:`Episodes` draws episodes of T images at random from a split, without class structure
+(the Kanerva Machine / Kanerva++ protocol), dynamically binarized for training and binarized
+once, with a fixed seed, for testing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("omniglot", "fashion-mnist", "mnist")
+
+#: Seed of the fixed Omniglot train/test split. Never tie it to a training seed.
+SPLIT_SEED = 0
+#: Seed of the fixed test episodes (their order and their binarization).
+TEST_SEED = 0
+
+OMNIGLOT_FOLDER = "omniglot-py"
+OMNIGLOT_SPLITS = ("images_background", "images_evaluation")
+OMNIGLOT_N_FILES = 32_460
+OMNIGLOT_N_TRAIN = 24_345
+OMNIGLOT_N_TEST = 8_115
+OMNIGLOT_SIZE = 28
+# Bump when the decoding protocol changes so that old caches are ignored.
+OMNIGLOT_CACHE_VERSION = 1
+_OMNIGLOT_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
+
+# torchvision class name and folder for the idx-format data sets.
+_IDX_DATASETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+_OFFLINE_ENV = "PYRO_KPP_OFFLINE"
+_DATA_ENV = "PYRO_KPP_DATA"
+_CACHE_ENV = "PYRO_KPP_CACHE"
+
+
+class DataError(ValueError):
+    """A data problem the user can fix: names the argument/folder, what was expected and found."""
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> pathlib.Path:
+    """Folder for derived files: ``$PYRO_KPP_CACHE``, else ``$XDG_CACHE_HOME/pyro_kpp``, else
+    ``~/.cache/pyro_kpp``. Created on demand."""
+    if os.environ.get(_CACHE_ENV):
+        path = pathlib.Path(os.environ[_CACHE_ENV]).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+        path = pathlib.Path(base).expanduser() / "pyro_kpp"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cache folder {path} (from ${_CACHE_ENV} or the per-user cache) cannot be created: {e}; "
+            f"set ${_CACHE_ENV} to a writable folder"
+        ) from e
+    return path
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
+    """The data root: explicit ``data_dir`` > ``$PYRO_KPP_DATA`` > ``cache_dir()/"data"``.
+
+    The root is the folder that holds torchvision's per-data-set folders (``omniglot-py/``,
+    ``FashionMNIST/``, ``MNIST/``). It is returned absolute but not created.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        path = pathlib.Path(data_dir)
+    elif os.environ.get(_DATA_ENV):
+        path = pathlib.Path(os.environ[_DATA_ENV])
+    else:
+        path = cache_dir() / "data"
+    path = path.expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data_dir: expected a folder, but {path} is a file")
+    return path
+
+
+def _offline(offline: bool | None) -> bool:
+    """``offline`` if given, else ``$PYRO_KPP_OFFLINE`` (1/true/yes/on), else False."""
+    if offline is not None:
+        return bool(offline)
+    raw = os.environ.get(_OFFLINE_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise DataError(f"${_OFFLINE_ENV}: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The data container
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(repr=False)
+class ImageData:
+    """Both splits of a data set as uint8 (N, C, H, W) tensors, 255 = ink. Treat as read-only:
+    ``load_dataset`` returns the same object to every caller in a process."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor | None = None  # int64 (N_train,) class ids, if the set has them
+    test_labels: torch.Tensor | None = None  # int64 (N_test,)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            images = getattr(self, split)
+            if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+                raise DataError(
+                    f"ImageData.{split}: expected a uint8 tensor (N, C, H, W), got "
+                    f"{getattr(images, 'dtype', type(images).__name__)} of shape {tuple(getattr(images, 'shape', ()))}"
+                )
+            labels = getattr(self, f"{split}_labels")
+            if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
+                raise DataError(
+                    f"ImageData.{split}_labels: expected int64 of shape ({len(images)},), "
+                    f"got {labels.dtype} of shape {tuple(labels.shape)}"
+                )
+        if self.train.shape[1:] != self.test.shape[1:]:
+            raise DataError(
+                f"ImageData: train and test images differ in shape: "
+                f"{tuple(self.train.shape[1:])} vs {tuple(self.test.shape[1:])}"
+            )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageData(name={self.name!r}, train={len(self.train)}, test={len(self.test)}, "
+            f"image_shape={self.image_shape}, labels={self.train_labels is not None})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+# In-process memo: (name, resolved root) -> ImageData.
+_MEMO: dict[tuple[str, str], ImageData] = {}
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, offline: bool | None = None) -> ImageData:
+    """Load data set ``name`` (one of ``DATASETS``) from ``resolve_data_dir(data_dir)``.
+
+    Reads it if present in torchvision's layout, else downloads it with torchvision unless
+    ``offline`` (``None`` = ``$PYRO_KPP_OFFLINE``). The result is memoised per (name, root) in
+    this process; Omniglot is also cached on disk in ``cache_dir()``.
+    """
+    key_name = _check_name(name)
+    root = resolve_data_dir(data_dir)
+    key = (key_name, str(root))
+    if key not in _MEMO:
+        loader = _load_omniglot if key_name == "omniglot" else _load_idx_dataset
+        _MEMO[key] = loader(key_name, root, _offline(offline))
+    return _MEMO[key]
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process memo of ``load_dataset`` (the on-disk cache is kept)."""
+    _MEMO.clear()
+
+
+def _check_name(name: str) -> str:
+    normal = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
+    if normal in ("fashionmnist", "fmnist"):
+        normal = "fashion-mnist"
+    if normal not in DATASETS:
+        raise DataError(f"name: expected one of {', '.join(DATASETS)}, got {name!r}")
+    return normal
+
+
+def _download(name: str, root: pathlib.Path, missing: str, layout: str, offline: bool, fetch) -> None:
+    """Run ``fetch()`` (a torchvision download) unless offline; turn every failure into a
+    DataError that says which folder to provide and in which layout."""
+    how = f"Provide them yourself, laid out as {layout} (or point data_dir / ${_DATA_ENV} at a root that has it)"
+    if offline:
+        raise DataError(f"{name}: missing {missing}, and offline mode is on, so it is not downloaded. {how}.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fetch()
+    except Exception as e:  # noqa: BLE001 - URLError, OSError, RuntimeError, BadZipFile, ...
+        raise DataError(f"{name}: missing {missing}, and downloading it failed ({type(e).__name__}: {e}). {how}.") from e
+
+
+# ---- Fashion-MNIST / MNIST -----------------------------------------------------------------
+
+
+def _load_idx_dataset(name: str, root: pathlib.Path, offline: bool) -> ImageData:
+    """Fashion-MNIST / MNIST through torchvision (download=False), native train/test split."""
+    import torchvision.datasets as tvd
+
+    folder = _IDX_DATASETS[name]  # torchvision's class name is also its folder name
+    cls = getattr(tvd, folder)  # looked up at call time (tests substitute it)
+    raw = root / folder / "raw"
+    # The uncompressed idx files torchvision checks for, e.g. train-images-idx3-ubyte.
+    required = [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    if not all((raw / f).is_file() for f in required):
+        _download(
+            name, root, f"files in folder {raw}", f"{raw}/{{{','.join(required)}}} (uncompressed idx files)", offline,
+            lambda: [cls(str(root), train=t, download=True) for t in (True, False)],
+        )
+    splits = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(str(root), train=train, download=False)
+            images, labels = ds.data, ds.targets
+        except Exception as e:  # noqa: BLE001 - torchvision asserts/raises on corrupt idx files
+            raise DataError(
+                f"{name}: folder {raw} holds files torchvision cannot read as the {split} split "
+                f"({type(e).__name__}: {e}); expected uncompressed idx files {required}. "
+                f"Replace the damaged files or delete the folder to download it again."
+            ) from e
+        if images.dtype != torch.uint8 or images.dim() != 3 or len(labels) != len(images):
+            raise DataError(
+                f"{name}: the {split} files in {raw} give images {images.dtype} {tuple(images.shape)} and "
+                f"{len(labels)} labels; expected uint8 (N, H, W) images with N labels"
+            )
+        splits[split] = (images.unsqueeze(1).contiguous(), labels.to(torch.int64))
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    return ImageData(name, train_x, test_x, train_y, test_y)
+
+
+# ---- Omniglot ------------------------------------------------------------------------------
+
+
+def _load_omniglot(name: str, root: pathlib.Path, offline: bool) -> ImageData:
+    """Omniglot 28x28 under the protocol of the module docstring."""
+    folder = root / OMNIGLOT_FOLDER
+    missing = [folder / s for s in OMNIGLOT_SPLITS if not (folder / s).is_dir()]
+    if missing:
+        _download(
+            name, root, " and ".join(f"folder {m}" for m in missing),
+            f"{folder}/{{{','.join(OMNIGLOT_SPLITS)}}}/<Alphabet>/characterNN/CCCC_DD.png", offline,
+            _omniglot_fetch(root),
+        )
+    files = _list_omniglot_files(folder)
+    images, labels = _omniglot_tensors(folder, files)
+    train_idx, test_idx = omniglot_split(len(files))
+    return ImageData(name, images[train_idx], images[test_idx], labels[train_idx], labels[test_idx])
+
+
+def _omniglot_fetch(root: pathlib.Path):
+    def fetch() -> None:
+        import torchvision.datasets as tvd
+
+        for background in (True, False):
+            tvd.Omniglot(str(root), background=background, download=True)
+
+    return fetch
+
+
+def omniglot_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (into the sorted file list) of the train and test images, each sorted.
+
+    A permutation drawn from ``torch.Generator().manual_seed(SPLIT_SEED)``: the first 24,345
+    indices are train, the other 8,115 test. A folder with a number of files other than 32,460
+    keeps the same 3:1 proportion (and ``_list_omniglot_files`` warns).
+    """
+    n_test = OMNIGLOT_N_TEST if n == OMNIGLOT_N_FILES else round(n * OMNIGLOT_N_TEST / OMNIGLOT_N_FILES)
+    n_test = min(max(n_test, 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[: n - n_test].sort().values, perm[n - n_test :].sort().values
+
+
+def _list_omniglot_files(folder: pathlib.Path) -> list[str]:
+    """Relative posix paths ``<split>/<Alphabet>/<character>/<file>.png`` in sorted order."""
+    files = []
+    for split in OMNIGLOT_SPLITS:
+        found = [p.relative_to(folder).as_posix() for p in (folder / split).glob("*/*/*.png")]
+        if not found:
+            raise DataError(
+                f"omniglot: folder {folder / split} has no PNG files; expected "
+                f"{folder / split}/<Alphabet>/characterNN/CCCC_DD.png. Delete {folder} to download it "
+                f"again or copy the extracted images_background/images_evaluation trees there."
+            )
+        files += found
+    files.sort()
+    if len(files) != OMNIGLOT_N_FILES:
+        warnings.warn(
+            f"omniglot: {folder} holds {len(files)} PNGs, not the {OMNIGLOT_N_FILES} of the full data set; "
+            f"the train/test sizes will not match Burda et al.'s {OMNIGLOT_N_TRAIN}/{OMNIGLOT_N_TEST}",
+            stacklevel=3,
+        )
+    return files
+
+
+def _omniglot_cache_path(folder: pathlib.Path, files: list[str]) -> pathlib.Path:
+    """Cache file named by protocol version and a hash of the data folder and its file list."""
+    digest = hashlib.sha256(f"{folder.resolve()}\n{len(files)}\n".encode())
+    digest.update("\n".join(files).encode())
+    return cache_dir() / f"omniglot{OMNIGLOT_SIZE}-v{OMNIGLOT_CACHE_VERSION}-{digest.hexdigest()[:16]}.pt"
+
+
+def _omniglot_tensors(folder: pathlib.Path, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (N, 1, 28, 28) uint8 and labels (N,) int64 in file order, from the cache if
+    it is there, else decoded and then cached."""
+    path = _omniglot_cache_path(folder, files)
+    cached = _read_cache(path, len(files))
+    if cached is not None:
+        return cached
+    labels = torch.tensor([_omniglot_label(folder, f) for f in files], dtype=torch.int64)
+    start = time.perf_counter()
+    images = _decode_omniglot(folder, files)
+    log.info("decoded %d Omniglot PNGs in %.1f s", len(files), time.perf_counter() - start)
+    try:
+        _atomic_save({"version": OMNIGLOT_CACHE_VERSION, "images": images, "labels": labels}, path)
+    except OSError as e:  # a cache we cannot write only costs time
+        warnings.warn(f"omniglot: could not write the cache {path}: {e}", stacklevel=3)
+    return images, labels
+
+
+def _omniglot_label(folder: pathlib.Path, file: str) -> int:
+    match = _OMNIGLOT_NAME.fullmatch(file.rsplit("/", 1)[-1])
+    if match is None:
+        raise DataError(f"omniglot: file {folder / file} is not named CCCC_DD.png (character id, drawer)")
+    return int(match.group(1)) - 1
+
+
+def _decode_omniglot(folder: pathlib.Path, files: list[str]) -> torch.Tensor:
+    """Decode and resize every PNG (a plain loop: ~15 s for 32k files on one core)."""
+    from tqdm import tqdm
+
+    out = torch.empty(len(files), 1, OMNIGLOT_SIZE, OMNIGLOT_SIZE, dtype=torch.uint8)
+    bar = tqdm(files, desc="omniglot: decoding PNGs once", unit="img", file=sys.stderr, mininterval=1.0)
+    for i, file in enumerate(bar):
+        out[i] = _decode_omniglot_png(folder / file)
+    return out
+
+
+def _decode_omniglot_png(path: pathlib.Path) -> torch.Tensor:
+    """One PNG -> (1, 28, 28) uint8, strokes bright (see the protocol in the module docstring)."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    try:
+        with Image.open(path) as im:
+            # convert("L") maps the 1-bit pixels to 0/255 and accepts any other mode too.
+            grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"omniglot: cannot decode {path} as an image ({type(e).__name__}: {e})") from e
+    ink = torch.from_numpy(1.0 - grey).unsqueeze(0)  # invert: white background -> 0, strokes -> 1
+    small = F.resize(ink, [OMNIGLOT_SIZE, OMNIGLOT_SIZE], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return torch.round(small.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def _read_cache(path: pathlib.Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (images, labels), or None if absent or unusable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        images, labels = blob["images"], blob["labels"]
+        ok = (
+            blob.get("version") == OMNIGLOT_CACHE_VERSION
+            and images.dtype == torch.uint8
+            and tuple(images.shape) == (n, 1, OMNIGLOT_SIZE, OMNIGLOT_SIZE)
+            and labels.dtype == torch.int64
+            and tuple(labels.shape) == (n,)
+        )
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: decode again
+        warnings.warn(f"omniglot: ignoring unreadable cache {path} ({type(e).__name__}: {e})", stacklevel=4)
+        return None
+    if not ok:
+        warnings.warn(f"omniglot: ignoring cache {path} with unexpected contents", stacklevel=4)
+        return None
+    return images, labels
+
+
+def _atomic_save(obj, path: pathlib.Path) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: readers never see a
+    half-written cache, and concurrent writers each replace it with a complete file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Episodes
+# --------------------------------------------------------------------------------------------
+
+# Domain tags so that the seeds of different random streams never coincide.
+_TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
+
+
+def _generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from integer keys, mixed by numpy's SeedSequence (so that,
+    unlike ``seed * 100003 + epoch``, distinct keys never collide)."""
+    entropy = [int(k) % 2**64 for k in keys]
+    seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_count(argname: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{argname}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Episodes:
+    """Episodes of T images drawn at random from a split, no class structure (KM/K++ protocol).
+
+    Every batch is a float32 tensor (B, T, C, H, W) on ``device``:
+
+    * ``binarize=True`` (default): pixels are 0/1. Training batches are binarized dynamically (a
+      fresh Bernoulli draw with p = grey/255 at every step); test episodes are binarized once.
+    * ``binarize=False``: grey/255 floats in [0, 1].
+    * ``binarize=False, as_uint8=True``: the raw uint8 grey levels 0..255 (dtype uint8), for
+      8-bit likelihoods.
+
+    Randomness is a function of (seed, epoch, step) only, so a run resumed at any step sees
+    exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self,
+        data: ImageData,
+        episode_length: int,
+        batch_size: int,
+        *,
+        seed: int,
+        binarize: bool = True,
+        as_uint8: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.episode_length = _check_count("episode_length", episode_length)
+        self.batch_size = _check_count("batch_size", batch_size)
+        self.seed = _check_count("seed", seed, minimum=0)
+        for split in ("train", "test"):
+            n = len(getattr(data, split))
+            if self.episode_length > n:
+                raise DataError(
+                    f"episode_length: {episode_length} asks for an episode longer than the {split} split "
+                    f"of {data.name} ({n} images)"
+                )
+        if binarize and as_uint8:
+            raise ValueError("as_uint8: raw uint8 grey levels need binarize=False")
+        self.data = data
+        self.binarize = bool(binarize)
+        self.as_uint8 = bool(as_uint8)
+        self.device = torch.device(device)
+        self._train = data.train.to(self.device)
+        self._test: torch.Tensor | None = None  # (E, T, C, H, W) uint8, built on first use
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * self.episode_length
+
+    def steps_per_epoch(self) -> int:
+        """ceil(N_train / (batch_size * episode_length))."""
+        return math.ceil(len(self._train) / self.images_per_step)
+
+    # ---- training ------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of epoch ``epoch``, from step ``start_step`` to ``steps_per_epoch() - 1``.
+
+        Order: a permutation of the train split drawn from a generator seeded by (seed, epoch),
+        cut into episodes of T; the last episodes of the epoch are completed by wrapping around
+        to the start of the permutation, so every image is seen at least once per epoch.
+        Binarization of step s uses a generator seeded by (seed, epoch, s).
+        """
+        epoch = _check_count("epoch", epoch, minimum=0)
+        steps = self.steps_per_epoch()
+        start_step = _check_count("start_step", start_step, minimum=0)
+        if start_step > steps:
+            raise ValueError(f"start_step: expected 0..{steps} (steps per epoch), got {start_step}")
+        order = self.train_order(epoch)
+        return self._train_batches(order, epoch, start_step)
+
+    def train_order(self, epoch: int) -> torch.Tensor:
+        """Train-split indices (steps_per_epoch, B, T) of epoch ``epoch``."""
+        n, steps = len(self._train), self.steps_per_epoch()
+        perm = torch.randperm(n, generator=_generator(_TRAIN_ORDER, self.seed, epoch))
+        wrapped = perm[torch.arange(steps * self.images_per_step) % n]
+        return wrapped.view(steps, self.batch_size, self.episode_length).to(self.device)
+
+    def _train_batches(self, order: torch.Tensor, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
+        for step in range(start_step, len(order)):
+            grey = self._train[order[step]]  # (B, T, C, H, W) uint8
+            if self.as_uint8:
+                yield grey
+                continue
+            p = grey.to(torch.float32) / 255.0
+            if self.binarize:
+                yield torch.bernoulli(p, generator=_generator(_TRAIN_BITS, self.seed, epoch, step, device=self.device))
+            else:
+                yield p
+
+    # ---- testing -------------------------------------------------------------------------
+
+    def num_test_episodes(self) -> int:
+        """floor(N_test / T): the remainder that does not fill an episode is dropped."""
+        return len(self.data.test) // self.episode_length
+
+    def test_episodes(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The fixed test episodes, in batches of ``batch_size`` episodes (default
+        ``self.batch_size``; the last batch may be smaller).
+
+        Identical for every call, every Episodes object and every run, whatever the seed: each
+        test image is binarized once with a generator seeded by TEST_SEED (before any
+        shuffling, so an image's bits do not depend on T), then the split is permuted with
+        TEST_SEED and cut into episodes of T. The remainder that does not fill an episode is
+        dropped: e.g. Omniglot's 8,115 test images give 253 episodes of 32 and 19 unused images.
+        """
+        batch_size = self.batch_size if batch_size is None else _check_count("batch_size", batch_size)
+        test = self._test_data()
+        return (self._present_test(test[i : i + batch_size]) for i in range(0, len(test), batch_size))
+
+    def _test_data(self) -> torch.Tensor:
+        if self._test is None:
+            images = self.data.test  # CPU, so the bits do not depend on the device
+            if self.binarize:
+                bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(_TEST_BITS, TEST_SEED))
+                images = bits.to(torch.uint8)
+            perm = torch.randperm(len(images), generator=_generator(_TEST_ORDER, TEST_SEED))
+            n_ep, t = self.num_test_episodes(), self.episode_length
+            episodes = images[perm[: n_ep * t]].view(n_ep, t, *images.shape[1:])
+            self._test = episodes.to(self.device)
+        return self._test
+
+    def _present_test(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.binarize:
+            return batch.to(torch.float32)  # already 0/1
+        if self.as_uint8:
+            return batch
+        return batch.to(torch.float32) / 255.0

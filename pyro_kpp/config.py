@@ -38,6 +38,7 @@ class Config:
     clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
     epochs: int = 100
     max_steps: int | None = None
+    max_minutes: float | None = None  # training-time budget (excludes evaluation), for equal-budget comparisons
     seed: int = 0
     device: str = "auto"
     eval_episodes: int | None = None  # cap on test episodes evaluated each epoch (None: all)
@@ -57,6 +58,8 @@ class Config:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes: expected a positive number of minutes or None, got {self.max_minutes!r}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes: expected a positive integer or None, got {self.eval_episodes!r}")
         if not (self.lr > 0):

@@ -37,11 +37,11 @@ FLAGS = {
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
-    "lr": "lr", "clip_norm": "clip_norm", "epochs": "epochs", "max_steps": "max_steps",
+    "lr": "lr", "clip_norm": "clip_norm", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
     "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
 # Options that may change when resuming a run (they do not change the model or data order).
-RESUMABLE = {"epochs", "max_steps", "device", "eval_episodes", "data_dir"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "device", "eval_episodes", "data_dir"}
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time (minutes, "
+                                                      "evaluation excluded); checked after every step")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--eval-episodes", type=int, help="test episodes evaluated each epoch (default: all)")
@@ -143,10 +145,12 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch, epoch_step, step = 0, 0, 0
     loss_sum, loss_count = 0.0, 0
+    train_seconds_total = 0.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         epoch, epoch_step, step = resume_state["epoch"], resume_state["epoch_step"], resume_state["step"]
         loss_sum, loss_count = resume_state["epoch_loss"]
+        train_seconds_total = resume_state["train_seconds"]
         set_rng_state(resume_state["rng"])
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     elbo = make_elbo(cfg.elbo)
@@ -160,11 +164,18 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
+            "train_seconds": train_seconds_total,
             "rng": rng_state(), "pyro_kpp_version": __import__("pyro_kpp").__version__,
         })
 
+    def budget_left(seconds_this_epoch: float = 0.0) -> bool:
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            return False
+        spent = train_seconds_total + seconds_this_epoch
+        return cfg.max_minutes is None or spent < 60 * cfg.max_minutes
+
     model.train()
-    while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
+    while epoch < cfg.epochs and budget_left():
         epoch_start = time.time()
         batches = episodes.train_epoch(epoch, start_step=epoch_step)
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}",
@@ -183,11 +194,12 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             epoch_step += 1
             step += 1
             bar.set_postfix_str(f"bound {running:.2f} nats/image")
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if not budget_left(time.time() - epoch_start):
                 break
         bar.close()
         epoch_done = epoch_step >= steps_per_epoch
         train_seconds = time.time() - epoch_start
+        train_seconds_total += train_seconds
         # Evaluation and images draw from their own seeded RNG stream, so they neither
         # perturb training (an interrupted-and-resumed run stays identical) nor differ
         # between epochs except through the parameters.
@@ -199,6 +211,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             "epoch": epoch, "step": step, "epoch_complete": epoch_done,
             "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
             "test_images": test["images"], "train_seconds": round(train_seconds, 2),
+            "train_seconds_total": round(train_seconds_total, 2),
             "wall_seconds": round(time.time() - start_time, 2),
         }
         history.append(record)

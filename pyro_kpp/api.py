@@ -3,7 +3,8 @@
     model = pyro_kpp.load("runs/omniglot-kpp")
     memory = pyro_kpp.write(model, episode)          # episode: (T, C, H, W) or (B, T, C, H, W)
     images = pyro_kpp.sample(memory, n=16)           # (B, 16, C, H, W) probabilities
-    images = pyro_kpp.sample(memory, keys, binary=True)
+    images = pyro_kpp.sample(memory, keys, binary=True)          # drawn from the likelihood
+    pixels = pyro_kpp.sample(memory, binary=True, as_uint8=True)  # uint8 0..255 (8-bit models)
 """
 from __future__ import annotations
 
@@ -35,10 +36,16 @@ def load(run_dir: str | os.PathLike, device: str = "cpu") -> EpisodicModel:
     return model_from_state(state, resolve_device(device)).eval()
 
 
-def _as_batch(episode: torch.Tensor) -> torch.Tensor:
-    if isinstance(episode, torch.Tensor) and episode.dim() == 4:
-        return episode.unsqueeze(0)                 # (T, C, H, W) -> (1, T, C, H, W)
-    return episode
+def _as_batch(model: EpisodicModel, episode: torch.Tensor) -> torch.Tensor:
+    """(T, C, H, W) or (B, T, C, H, W) -> (B, T, C, H, W), with an error that shows what came."""
+    image = tuple(model.cfg.image_shape)
+    if isinstance(episode, torch.Tensor) and (
+            (episode.dim() == 4 and tuple(episode.shape[1:]) == image)
+            or (episode.dim() == 5 and tuple(episode.shape[2:]) == image)):
+        return episode if episode.dim() == 5 else episode.unsqueeze(0)
+    got = tuple(episode.shape) if isinstance(episode, torch.Tensor) else type(episode).__name__
+    dims = ", ".join(map(str, image))
+    raise ValueError(f"episode: expected shape (T, {dims}) or (B, T, {dims}), got {got}")
 
 
 @torch.no_grad()
@@ -46,19 +53,25 @@ def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
     """Write episodes into memory. ``episode``: (T, C, H, W) or (B, T, C, H, W) on the model's device."""
     if not isinstance(model, EpisodicModel):
         raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
-    x = _as_batch(episode)
+    x = _as_batch(model, episode)
     model.check_episode(x, "episode")
     return model.write(x)
 
 
 @torch.no_grad()
 def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary: bool = False,
-           sample_z: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+           sample_z: bool = True, generator: torch.Generator | None = None,
+           as_uint8: bool = False) -> torch.Tensor:
     """Images read from a written memory: (B, N, C, H, W).
 
     keys: (B, N, K, 3) for K++ (the addressing variables for KM/DKM); drawn from the key
-    prior when omitted (then N = ``n``). Returns pixel probabilities, or binary images
-    drawn from them when ``binary=True``. ``sample_z=False`` decodes the prior mean code.
+    prior when omitted (then N = ``n``). ``sample_z=False`` decodes the prior mean code.
+
+    By default returns the likelihood's mean image in [0, 1] (Bernoulli: pixel probabilities;
+    dmol: the logistic mixture's mean grey level). ``binary=True`` draws images from the
+    likelihood instead, on the data's scale so they can be written back into a memory:
+    0/1 pixels (Bernoulli) or 8-bit levels k/255 (dmol). ``as_uint8=True`` returns uint8
+    grey levels round(255 * value), 0..255 (for dmol samples: the 8-bit image itself).
     """
     if not isinstance(memory, Memory):
         raise TypeError(f"memory: expected a Memory from pyro_kpp.write, got {type(memory).__name__}")
@@ -68,6 +81,5 @@ def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary
             raise ValueError(f"n: expected a positive number of samples, got {n!r}")
         keys = model.prior_keys(memory, n, generator=generator)
     params = model.generate(memory, keys, sample_z=sample_z, generator=generator)
-    if binary:
-        return model.likelihood.sample(params, generator=generator)
-    return model.likelihood.mean(params)
+    images = model.likelihood.sample(params, generator=generator) if binary else model.likelihood.mean(params)
+    return (images * 255).round().to(torch.uint8) if as_uint8 else images

@@ -22,6 +22,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import site_is_subsample
 
 from .episodic import EpisodicModel
 
@@ -53,7 +54,7 @@ def _site_log_probs(trace, T: int) -> torch.Tensor:
     """
     total = 0.0
     for site in trace.nodes.values():
-        if site["type"] != "sample" or site["infer"].get("_deterministic"):
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
         lp = site["log_prob"]
         if not any(f.name == "images" for f in site["cond_indep_stack"]):
@@ -81,9 +82,18 @@ def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: 
 
 
 def image_bounds(model: EpisodicModel, x: torch.Tensor, samples: int = 1) -> dict[str, torch.Tensor]:
-    """Per-image ELBO estimate (mean of S log weights) and IW bound (log-mean-exp): (B, T) each."""
+    """Per-image ELBO estimate (mean of S log weights) and IW bound (log-mean-exp): (B, T) each.
+
+    When the memory is a latent variable (``model.memory_is_latent``, DKM) the T images share
+    each particle's memory draw, so the weights no longer factor per image: the IW bound is
+    taken over whole episodes, ln (1/S) sum_s prod_t w_st, and each image gets 1/T of it.
+    """
     lw = log_weights(model, x, samples)
-    return {"elbo": lw.mean(0), "iw": torch.logsumexp(lw, 0) - math.log(lw.shape[0])}
+    S, T = lw.shape[0], lw.shape[-1]
+    if model.memory_is_latent:
+        iw = (torch.logsumexp(lw.sum(-1, keepdim=True), 0) - math.log(S)) / T
+        return {"elbo": lw.mean(0), "iw": iw.expand(lw.shape[1:])}
+    return {"elbo": lw.mean(0), "iw": torch.logsumexp(lw, 0) - math.log(S)}
 
 
 @torch.no_grad()

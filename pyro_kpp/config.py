@@ -9,7 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .likelihoods import LIKELIHOODS
+
 CONFIG_VERSION = 1
+#: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
+#: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
+DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
+#: KM / DKM memory rows K when none is given: KM §4 uses a 64 x 100 memory on Omniglot; the DKM
+#: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
+DEFAULT_SLOTS = {"dkm": 32}
+KM_READ_WRITE = ("mean", "distribution")
 
 
 @dataclass
@@ -18,7 +27,9 @@ class Config:
     model: str = "kpp"
     data: str = "omniglot"
     data_dir: str | None = None
-    likelihood: str = "bernoulli"
+    # "bernoulli": dynamically binarized data; "dmol": 8-bit data (k/255, no binarization) under a
+    # discretized mixture of logistics (K++ §4). None = by data set (DEFAULT_LIKELIHOOD).
+    likelihood: str | None = None
     image_shape: tuple[int, int, int] = (1, 28, 28)   # filled in from the data set
     # episodes
     episode_length: int = 32          # T (KM/DKM use 32 on Omniglot)
@@ -28,6 +39,13 @@ class Config:
     memory_shape: tuple[int, int, int] = (3, 64, 64)  # C x H x W (paper)
     window: int = 16                  # h = w of each read window
     writer_channels: int = 64         # base channels of f_mem (paper: 256)
+    # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
+    slots: int | None = None          # K memory rows; None = by model (DEFAULT_SLOTS, else 64)
+    address_size: int = 50            # KM: S, size of y_t and of the key b_t = f(y_t) (KM §4: 64 x 50 addresses)
+    # KM: "mean" = write samples of q(y|x), q(z|x) and read the mean-field memory R (KM §3.3-3.4);
+    # "distribution" = Appendix F, write the codes' distributions and read p(z | y, R, U)
+    km_read_write: str = "mean"
+    dkm_write_iterations: int = 1     # DKM: solves of w per written image (1: against the memory before it)
     # sizes shared by all models
     code_size: int = 64               # L, dimension of z
     embed_size: int = 256             # D, dimension of e_t
@@ -47,11 +65,15 @@ class Config:
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
         self.memory_shape = tuple(self.memory_shape)
+        if self.likelihood is None:
+            self.likelihood = DEFAULT_LIKELIHOOD.get(self.data, "bernoulli")
+        if self.slots is None:
+            self.slots = DEFAULT_SLOTS.get(self.model, 64)
         self.validate()
 
     def validate(self) -> None:
-        positive = ["episode_length", "batch_size", "reads", "window", "writer_channels",
-                    "code_size", "embed_size", "hidden", "epochs"]
+        positive = ["episode_length", "batch_size", "reads", "window", "writer_channels", "slots",
+                    "address_size", "dkm_write_iterations", "code_size", "embed_size", "hidden", "epochs"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -71,6 +93,10 @@ class Config:
             raise ValueError(f"window: expected a multiple of 4 (the prior net halves it twice), got {self.window}")
         if self.window > min(mh, mw):
             raise ValueError(f"window: {self.window} is larger than the memory {mh}x{mw}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood: expected one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
+        if self.km_read_write not in KM_READ_WRITE:
+            raise ValueError(f"km_read_write: expected one of {KM_READ_WRITE}, got {self.km_read_write!r}")
         if self.elbo not in ("trace", "meanfield"):
             raise ValueError(f"elbo: expected 'trace' or 'meanfield', got {self.elbo!r}")
 

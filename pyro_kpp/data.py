@@ -3,7 +3,8 @@
 Data sets
 ---------
 ``load_dataset(name)`` returns an :class:`ImageData` with uint8 tensors of shape (N, C, H, W)
-whose grey level 255 means ink (a pen stroke, a garment, a digit) and 0 means background.
+whose grey level 255 means ink (a pen stroke, a garment, a digit) and 0 means background
+(CIFAR-10: the RGB intensities as they are).
 
 * ``omniglot``: the 28x28 Omniglot of Burda et al. (2016) as used by the Kanerva Machine papers.
   Protocol (fixed, the cache and every experiment depend on it):
@@ -25,6 +26,12 @@ whose grey level 255 means ink (a pen stroke, a garment, a digit) and 0 means ba
 
 * ``fashion-mnist`` / ``mnist``: torchvision's files under ``<root>/FashionMNIST/raw`` and
   ``<root>/MNIST/raw``, with their native 60,000 / 10,000 split and class labels.
+
+* ``cifar10``: 32x32 RGB, (N, 3, 32, 32), native 50,000 / 10,000 split and class labels, from
+  torchvision's folder ``<root>/cifar-10-batches-py`` (pickled batches ``data_batch_1..5`` and
+  ``test_batch``). The batches are read directly rather than through
+  ``torchvision.datasets.CIFAR10(download=False)``, which refuses any folder whose files do not
+  have the official MD5s; torchvision is used to download (it checks the archive's MD5 then).
 
 Where the data live: ``resolve_data_dir`` (explicit argument > ``$PYRO_KPP_DATA`` >
 ``cache_dir()/"data"``). A data set missing there is downloaded with torchvision unless
@@ -58,7 +65,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("omniglot", "fashion-mnist", "mnist")
+DATASETS = ("omniglot", "fashion-mnist", "mnist", "cifar10")
 
 #: Seed of the fixed Omniglot train/test split. Never tie it to a training seed.
 SPLIT_SEED = 0
@@ -77,6 +84,11 @@ _OMNIGLOT_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
 
 # torchvision class name and folder for the idx-format data sets.
 _IDX_DATASETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch"
+CIFAR10_SHAPE = (3, 32, 32)
 
 _OFFLINE_ENV = "PYRO_KPP_OFFLINE"
 _DATA_ENV = "PYRO_KPP_DATA"
@@ -114,7 +126,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
     """The data root: explicit ``data_dir`` > ``$PYRO_KPP_DATA`` > ``cache_dir()/"data"``.
 
     The root is the folder that holds torchvision's per-data-set folders (``omniglot-py/``,
-    ``FashionMNIST/``, ``MNIST/``). It is returned absolute but not created.
+    ``FashionMNIST/``, ``MNIST/``, ``cifar-10-batches-py/``). It is returned absolute but not created.
     """
     if data_dir is not None and str(data_dir) != "":
         path = pathlib.Path(data_dir)
@@ -208,7 +220,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, offlin
     root = resolve_data_dir(data_dir)
     key = (key_name, str(root))
     if key not in _MEMO:
-        loader = _load_omniglot if key_name == "omniglot" else _load_idx_dataset
+        loader = {"omniglot": _load_omniglot, "cifar10": _load_cifar10}.get(key_name, _load_idx_dataset)
         _MEMO[key] = loader(key_name, root, _offline(offline))
     return _MEMO[key]
 
@@ -276,6 +288,48 @@ def _load_idx_dataset(name: str, root: pathlib.Path, offline: bool) -> ImageData
         splits[split] = (images.unsqueeze(1).contiguous(), labels.to(torch.int64))
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     return ImageData(name, train_x, test_x, train_y, test_y)
+
+
+# ---- CIFAR-10 ------------------------------------------------------------------------------
+
+
+def _load_cifar10(name: str, root: pathlib.Path, offline: bool) -> ImageData:
+    """CIFAR-10 from torchvision's pickled batches, read directly (see the module docstring)."""
+    folder = root / CIFAR10_FOLDER
+    required = [*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH]
+    if not all((folder / f).is_file() for f in required):
+        def fetch() -> None:
+            import torchvision.datasets as tvd
+
+            tvd.CIFAR10(str(root), train=True, download=True)
+
+        _download(name, root, f"files in folder {folder}", f"{folder}/{{{','.join(required)}}} "
+                  f"(torchvision's pickled python batches)", offline, fetch)
+    train = [_read_cifar10_batch(folder / f) for f in CIFAR10_TRAIN_BATCHES]
+    test_x, test_y = _read_cifar10_batch(folder / CIFAR10_TEST_BATCH)
+    return ImageData(name, torch.cat([x for x, _ in train]), test_x, torch.cat([y for _, y in train]), test_y)
+
+
+def _read_cifar10_batch(path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pickled batch: {"data": uint8 (N, 3072) rows of R, G, B planes, "labels": N ints}
+    -> images uint8 (N, 3, 32, 32) and labels int64 (N,)."""
+    import pickle
+
+    expected = (f"a pickled dict with 'data' (uint8, N x {math.prod(CIFAR10_SHAPE)}) and 'labels' "
+                f"(N ints), as in torchvision's {CIFAR10_FOLDER}")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data, labels = np.asarray(entry["data"]), np.asarray(entry["labels"], dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways on damaged files
+        raise DataError(f"cifar10: cannot read {path} ({type(e).__name__}: {e}); expected {expected}. "
+                        f"Replace the damaged file or delete {path.parent} to download it again.") from e
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != math.prod(CIFAR10_SHAPE) \
+            or labels.shape != data.shape[:1]:
+        raise DataError(f"cifar10: {path} holds data {data.dtype} {data.shape} and {labels.shape[0]} labels; "
+                        f"expected {expected}")
+    images = torch.from_numpy(data.reshape(-1, *CIFAR10_SHAPE).copy())
+    return images, torch.from_numpy(labels)
 
 
 # ---- Omniglot ------------------------------------------------------------------------------
@@ -589,3 +643,67 @@ class Episodes:
         if self.as_uint8:
             return batch
         return batch.to(torch.float32) / 255.0
+
+
+# ---- class-structured episodes ---------------------------------------------------------------
+
+_CLASS_EPISODES = 5  # domain tag of the class-structured episodes' random stream
+
+
+def class_episodes(
+    data: ImageData,
+    classes: int,
+    episode_length: int,
+    episodes: int = 1,
+    *,
+    split: str = "test",
+    seed: int = 0,
+    binarize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episodes of T images from exactly ``classes`` classes (Omniglot: characters), for the
+    one-shot generation of KM §4.2 ("episodes with samples from only 2, 4 or 12 classes").
+
+    Each episode draws ``classes`` distinct classes uniformly among those with at least
+    ceil(T / classes) images in ``split``, shares the T images among them as evenly as possible
+    (the first T mod classes classes get one more), draws each class's images without
+    replacement and shuffles the episode. Omniglot's random split leaves about 5 test images per
+    character (1 to 12), so e.g. 2 characters fill episodes of T <= 24 only; KM conditions on
+    T = 12. Binarized with a Bernoulli draw (``binarize=True``) or grey/255 floats; all
+    randomness comes from ``seed``.
+
+    Returns x (E, T, C, H, W) float32 and labels (E, T) int64.
+    """
+    classes = _check_count("classes", classes)
+    episode_length = _check_count("episode_length", episode_length)
+    episodes = _check_count("episodes", episodes)
+    seed = _check_count("seed", seed, minimum=0)
+    if split not in ("train", "test"):
+        raise DataError(f"split: expected 'train' or 'test', got {split!r}")
+    images, labels = getattr(data, split), getattr(data, f"{split}_labels")
+    if labels is None:
+        raise DataError(f"data: {data.name} has no class labels, so it has no class-structured episodes")
+    if classes > episode_length:
+        raise DataError(f"classes: {classes} classes cannot all appear in an episode of {episode_length} images")
+    per_class = -(-episode_length // classes)  # ceil
+    counts = torch.bincount(labels)
+    eligible = torch.nonzero(counts >= per_class).flatten()
+    if len(eligible) < classes:
+        raise DataError(
+            f"classes: only {len(eligible)} classes of the {split} split of {data.name} have the {per_class} "
+            f"images an episode of {episode_length} images from {classes} classes needs; ask for fewer images "
+            f"or more classes"
+        )
+    gen = _generator(_CLASS_EPISODES, seed)
+    shares = [episode_length // classes + (c < episode_length % classes) for c in range(classes)]
+    index = torch.empty(episodes, episode_length, dtype=torch.int64)
+    for e in range(episodes):
+        chosen = eligible[torch.randperm(len(eligible), generator=gen)[:classes]]
+        picks = []
+        for label, share in zip(chosen.tolist(), shares):
+            members = torch.nonzero(labels == label).flatten()
+            picks.append(members[torch.randperm(len(members), generator=gen)[:share]])
+        picked = torch.cat(picks)
+        index[e] = picked[torch.randperm(episode_length, generator=gen)]
+    grey = images[index].to(torch.float32) / 255.0  # (E, T, C, H, W)
+    x = torch.bernoulli(grey, generator=gen) if binarize else grey
+    return x, labels[index]

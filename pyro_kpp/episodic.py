@@ -42,8 +42,25 @@ class Memory:
         return (v[0] if isinstance(v, tuple) else v).shape[0]
 
 
+def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], what: str = "keys") -> None:
+    """Keys for reading ``memory`` must be (B, N, *key_shape), finite, with the memory's B."""
+    B = memory.episodes
+    expected = ", ".join(map(str, (B, "N", *key_shape)))
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 + len(key_shape) or keys.shape[0] != B \
+            or tuple(keys.shape[2:]) != tuple(key_shape):
+        got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys: expected {what} of shape ({expected}) for this memory of {B} episodes, got {got}")
+    if not bool(torch.isfinite(keys).all()):
+        raise ValueError("keys: contains NaN or Inf values")
+
+
 class EpisodicModel(PyroModule):
     """Base class: shared encoder, decoder, likelihood, input checks and embedding reuse."""
+
+    #: True when the memory is an episode-level latent variable with a prior and a posterior
+    #: (DKM): the images of an episode then share a random memory, so importance weighting
+    #: must weight whole episodes (``pyro_kpp.bound.image_bounds``), not images one by one.
+    memory_is_latent: bool = False
 
     def __init__(self, cfg: Config, name: str):
         super().__init__(name)
@@ -80,14 +97,27 @@ class EpisodicModel(PyroModule):
         q(y|X), q(z|X); the model for the memory write), so the encoder runs once per
         ELBO evaluation instead of twice. Outside that context nothing is cached.
         """
+        def encode():
+            self.check_episode(x)
+            return over_leading(self.encoder, x, 3)             # (B, T, D)
+        return self.cached(x, "E", encode)
+
+    def cached(self, x: torch.Tensor, name: str, compute):
+        """``compute()`` once per episode tensor ``x`` inside ``reuse_embedding()``, else at every call.
+
+        Besides E, models share other per-episode results this way: the Kanerva Machine's
+        written memory, so that guide and model, and all importance particles of one
+        evaluation, read the same stochastic write.
+        """
         cache = self._embedding_cache
-        if cache is not None and cache.get("x") is x:
-            return cache["E"]
-        self.check_episode(x)
-        E = over_leading(self.encoder, x, 3)                    # (B, T, D)
-        if cache is not None:
-            cache.update(x=x, E=E)
-        return E
+        if cache is None:
+            return compute()
+        if cache.get("x") is not x:
+            cache.clear()
+            cache["x"] = x
+        if name not in cache:
+            cache[name] = compute()
+        return cache[name]
 
     @contextlib.contextmanager
     def reuse_embedding(self):

@@ -2,7 +2,10 @@
 
 Prints the negative test conditional bound (the ELBO, eq. 4 of K++ / eq. 12 of KM) and the
 negative importance-weighted bound with S samples of (y, z) per image given the written
-memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``).
+memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``). For 8-bit data
+(``--likelihood dmol``) both are also given in bits/dim, -bound / (D ln 2) with D = C*H*W
+sub-pixels (K++ Table 1): the likelihood is a probability mass over the 256 levels of each
+sub-pixel, so the figure needs no dequantization correction.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from .bound import evaluate
 from .checkpoint import load_checkpoint
 from .config import Config
 from .device import resolve_device
-from .svi import test_batches
+from .likelihoods import LIKELIHOODS, bits_per_dim
+from .svi import make_episodes, test_batches
 
 
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",
@@ -32,13 +36,17 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     dev = resolve_device(device)
     model = model_from_state(state, dev).eval()
     data = data_lib.load_dataset(cfg.data, data_dir if data_dir is not None else cfg.data_dir)
-    episodes = data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, device=dev)
+    episodes = make_episodes(cfg, data, dev)
     torch.manual_seed(seed)
     wrap = (lambda it: tqdm(it, desc="test episodes", unit="batch")) if progress else None
     result = evaluate(model, test_batches(episodes, max_episodes), samples=samples, progress=wrap)
-    return {"model": cfg.model, "data": cfg.data, "step": state["step"],
-            "test_bound": result["elbo"], "test_iw_bound": result["iw"],
-            "samples": samples, "test_images": result["images"]}
+    out = {"model": cfg.model, "data": cfg.data, "likelihood": cfg.likelihood, "step": state["step"],
+           "test_bound": result["elbo"], "test_iw_bound": result["iw"],
+           "samples": samples, "test_images": result["images"]}
+    if not LIKELIHOODS[cfg.likelihood].binarized:
+        out["test_bits_per_dim"] = bits_per_dim(result["elbo"], cfg.image_shape)
+        out["test_iw_bits_per_dim"] = bits_per_dim(result["iw"], cfg.image_shape)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['model']} on {r['data']} (step {r['step']}), {r['test_images']} test images")
-        print(f"test conditional bound (-ELBO):        {r['test_bound']:.2f} nats/image")
-        print(f"test importance-weighted bound, S={r['samples']}: {r['test_iw_bound']:.2f} nats/image")
+        print(f"{r['model']} on {r['data']} ({r['likelihood']} likelihood, step {r['step']}), "
+              f"{r['test_images']} test images")
+        bits = "test_bits_per_dim" in r
+        print(f"test conditional bound (-ELBO):        {r['test_bound']:.2f} nats/image"
+              + (f" = {r['test_bits_per_dim']:.4f} bits/dim" if bits else ""))
+        print(f"test importance-weighted bound, S={r['samples']}: {r['test_iw_bound']:.2f} nats/image"
+              + (f" = {r['test_iw_bits_per_dim']:.4f} bits/dim" if bits else ""))
     return 0
 
 

@@ -18,6 +18,31 @@ def save_rows(rows: list[torch.Tensor], path: str | Path) -> Path:
     return path
 
 
+def rows_figure(rows: list[torch.Tensor], labels: list[str] | None = None, scale: float = 0.5):
+    """A matplotlib figure of image rows (each (N, C, H, W) in [0, 1]), a label left of each row.
+
+    The same grid as ``save_rows`` (one image, so it stays fast for many rows), for notebooks
+    and for the figures of the generation and denoising commands.
+    """
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"labels: expected one label per row ({len(rows)}), got {len(labels)}")
+    n = min(r.shape[0] for r in rows)
+    grid = make_grid(torch.cat([r[:n].float().cpu() for r in rows]), nrow=n, padding=1, pad_value=0.5)
+    h, w = rows[0].shape[-2:]
+    fig, ax = plt.subplots(figsize=(scale * n * (w + 1) / 28 + 1.5, scale * len(rows) * (h + 1) / 28 + 0.2))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(h + 1) * (i + 0.5) for i in range(len(rows))], labels or [""] * len(rows))
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.tight_layout(pad=0.2)
+    return fig
+
+
 @torch.no_grad()
 def reconstruction_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16) -> list[torch.Tensor]:
     """Rows for the first episode of ``x``: data, and its reconstruction read from memory.

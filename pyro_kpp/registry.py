@@ -8,6 +8,9 @@ from .episodic import EpisodicModel
 
 MODELS = {
     "kpp": "pyro_kpp.models.kpp:KanervaPlusPlus",
+    "km": "pyro_kpp.models.km:KanervaMachine",
+    "dkm": "pyro_kpp.models.dkm:DynamicKanervaMachine",
+    "vae": "pyro_kpp.models.vae:VAE",
 }
 
 

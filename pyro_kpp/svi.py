@@ -5,9 +5,10 @@ One explicit loop (nanoGPT style). The loss is Pyro's ``Trace_ELBO`` (or
 over the model's parameters: one fused/foreach optimizer for the whole model and global
 gradient-norm clipping, which Pyro's per-tensor ``PyroOptim``/``ClippedAdam`` do not give.
 
-Each epoch: train on every training image once (random episodes, fresh binarization),
-evaluate the negative conditional bound on the fixed test episodes, write image grids,
-append a line to ``metrics.jsonl`` and save ``checkpoint.pt`` (atomically).
+Each epoch: train on every training image once (random episodes; binarized data get a fresh
+binarization, 8-bit data for ``--likelihood dmol`` are used as they are), evaluate the negative
+conditional bound on the fixed test episodes (in nats/image, and in bits/dim for 8-bit data),
+write image grids, append a line to ``metrics.jsonl`` and save ``checkpoint.pt`` (atomically).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from . import data as data_lib
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config
+from .config import KM_READ_WRITE, Config
 from .device import resolve_device
+from .likelihoods import LIKELIHOODS, bits_per_dim
 from .plots import reconstruction_rows, sample_rows, save_rows
 from .registry import MODELS, build_model
 
@@ -36,6 +38,8 @@ FLAGS = {
     "model": "model", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
+    "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
+    "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
     "lr": "lr", "clip_norm": "clip_norm", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
     "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
@@ -63,13 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODELS), help=f"model (default {d.model})")
     p.add_argument("--data", choices=data_lib.DATASETS, help=f"data set (default {d.data})")
     p.add_argument("--data-dir", help="data root (default: $PYRO_KPP_DATA, else a per-user cache folder)")
-    p.add_argument("--likelihood", help=f"observation model (default {d.likelihood})")
+    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS),
+                   help="bernoulli: binarized data; dmol: 8-bit data under a discretized mixture of "
+                        "logistics (default: dmol for cifar10, else bernoulli)")
     p.add_argument("-T", "--episode-length", type=int, help=f"images per episode (default {d.episode_length})")
     p.add_argument("-B", "--batch-size", type=int, help=f"episodes per step (default {d.batch_size})")
     p.add_argument("-K", "--reads", type=int, help=f"K++ reads per image (default {d.reads})")
     p.add_argument("--memory-shape", type=parse_shape, help="K++ memory C,H,W (default 3,64,64)")
     p.add_argument("--window", type=int, help=f"K++ read window h=w (default {d.window})")
     p.add_argument("--writer-channels", type=int, help=f"base channels of f_mem (default {d.writer_channels})")
+    p.add_argument("--slots", type=int, help="KM/DKM memory rows K (default: KM 64, DKM 32)")
+    p.add_argument("--address-size", type=int, help=f"KM size S of y and of the keys f(y) (default {d.address_size})")
+    p.add_argument("--km-read-write", choices=KM_READ_WRITE,
+                   help="KM memory access: mean = sampled codes written, mean-field memory read (KM §3.3-3.4); "
+                        f"distribution = KM Appendix F (default {d.km_read_write})")
+    p.add_argument("--dkm-write-iterations", type=int,
+                   help=f"DKM solves of w per written image (default {d.dkm_write_iterations})")
     p.add_argument("--code-size", type=int, help=f"dimension L of z (default {d.code_size})")
     p.add_argument("--embed-size", type=int, help=f"embedding size (default {d.embed_size})")
     p.add_argument("--hidden", type=int, help=f"units of dense heads (default {d.hidden})")
@@ -101,6 +114,13 @@ def config_from_args(args: argparse.Namespace, resume_state: dict | None) -> Con
         raise ValueError(f"--resume: options {changed} differ from the checkpoint's config; a resumed run "
                          f"keeps its model and data (only {sorted(RESUMABLE)} may change)")
     return Config(**{**base.to_dict(), **given})
+
+
+def make_episodes(cfg: Config, data: data_lib.ImageData, device: torch.device) -> data_lib.Episodes:
+    """The run's episodes: binarized for a binary likelihood, 8-bit grey levels k/255 otherwise."""
+    binarize = LIKELIHOODS[cfg.likelihood].binarized
+    return data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=binarize,
+                             device=device)
 
 
 def test_batches(episodes: data_lib.Episodes, max_episodes: int | None):
@@ -135,7 +155,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
     device = resolve_device(cfg.device)
     data = data_lib.load_dataset(cfg.data, cfg.data_dir)
     cfg.image_shape = tuple(data.image_shape)
-    episodes = data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, device=device)
+    episodes = make_episodes(cfg, data, device)
 
     pyro.set_rng_seed(cfg.seed)
     if resume_state is None:
@@ -214,12 +234,17 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             "train_seconds_total": round(train_seconds_total, 2),
             "wall_seconds": round(time.time() - start_time, 2),
         }
+        if not LIKELIHOODS[cfg.likelihood].binarized:
+            record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
+            record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if progress or not sys.stderr.isatty():
             print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
-                  f"test bound {record['test_bound']:.2f} nats/image ({train_seconds:.0f} s)",
+                  f"test bound {record['test_bound']:.2f} nats/image"
+                  + (f" = {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
+                  + f" ({train_seconds:.0f} s)",
                   file=sys.stderr, flush=True)
         if epoch_done:
             epoch, epoch_step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0

@@ -1,0 +1,281 @@
+"""Reading from a fixed memory: iterative reading, generation, clean-up, interpolation.
+
+Everything here goes through the ``EpisodicModel`` interface only (``write``, ``infer_keys``,
+``generate``, ``prior_keys`` and the likelihood), so it works for every model of the package.
+
+Iterative reading (K++ §3.5 eq. 7; KM §3.5 and Appendix G, Algorithm 1). The memory is held
+fixed; at each step the keys are re-inferred from the current query through the guide's key
+posterior, the memory is read at those keys and decoded, and a reconstruction drawn from the
+likelihood becomes the next query:
+
+    y* = infer_keys(x_i),   params_i = generate(M, y*),   x_{i+1} ~ p(x | params_i).
+
+Choices where the papers are silent or where the interface differs (also in the README):
+
+* **What is fed back.** Both papers feed back a *sample* of the reconstruction, x ~ p(x|.)
+  (K++ eq. 7: "re-inferring the previous reconstruction X ~ p(X|.)"; KM Algorithm 1: "sample
+  the new query x_t ~ p(x_t|z_t)"), which is also the only choice that is a valid input for
+  a Bernoulli model (the encoder is trained on binary images, and the likelihood's input
+  check rejects probabilities). That is the default, ``feedback="sample"``. The alternative
+  ``feedback="threshold"`` feeds back the Bernoulli *mode* (probability > 1/2): deterministic,
+  so a sequence of reads can be compared without sampling noise.
+* **Keys.** ``infer_keys`` gives the posterior mean of q(y|x); eq. 7 uses one sample
+  Y* ~ q(Y|X). We read at the mean (the interface exposes no key sample), which removes one
+  source of sampling noise from the iteration; the fed-back image is still a sample.
+* **Code.** K++ Fig. 5 decodes the mean of p(z|M,y) at evaluation (decode mu_z), so
+  ``sample_z=False`` by default. KM Algorithm 1 instead samples z from q(z|x, y, M), a
+  posterior that also sees the query; the shared interface reads through the memory prior
+  p(z|y, M) only, so for KM/DKM iterative reading here follows K++ eq. 7.
+* **Perturbed keys** (K++ §4.1.1): y + eps, eps ~ N(0, 0.1^2 I); the paper writes N(0, 0.1)
+  and we read 0.1 as the standard deviation.
+* **Interpolation** (KM §4.3 interpolates the addressing weights of two images): we
+  interpolate linearly between the two images' inferred keys and decode each point.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .episodic import EpisodicModel, Memory
+
+FEEDBACKS = ("sample", "threshold")
+PERTURBATION_STD = 0.1  # K++ §4.1.1
+
+
+@dataclass
+class IterativeReading:
+    """Every step of an iterative read; index i along the first dim is step i + 1.
+
+    ``queries[i]`` is the image the keys of step i + 1 were inferred from (``queries[0]`` is
+    the input), ``keys[i]`` those keys and ``params[i]`` the likelihood parameters of the
+    reconstruction read at them.
+    """
+
+    queries: torch.Tensor  # (n, B, T, C, H, W)
+    keys: torch.Tensor     # (n, B, T, *key_shape)
+    params: torch.Tensor   # (n, B, T, C', H, W)
+    model: EpisodicModel
+
+    @property
+    def steps(self) -> int:
+        return self.params.shape[0]
+
+    def means(self) -> torch.Tensor:
+        """Mean reconstruction of every step (pixel probabilities for Bernoulli): (n, B, T, C, H, W)."""
+        return self.model.likelihood.mean(self.params)
+
+
+def _check_positive(argname: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argname}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_memory(model: EpisodicModel, memory: Memory) -> None:
+    if not isinstance(model, EpisodicModel):
+        raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
+    if not isinstance(memory, Memory):
+        raise TypeError(f"memory: expected a Memory (from model.write), got {type(memory).__name__}")
+    if memory.model is not model:
+        raise ValueError("memory: it was written by another model; read it with the model that wrote it")
+
+
+def feed_back(model: EpisodicModel, params: torch.Tensor, feedback: str = "sample",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next query from likelihood parameters: a sample (default) or the Bernoulli mode."""
+    if feedback == "sample":
+        return model.likelihood.sample(params, generator=generator)
+    if feedback == "threshold":
+        if not model.likelihood.binarized:
+            raise ValueError(f"feedback: 'threshold' is the mode of a Bernoulli likelihood (binary data); this "
+                             f"model's likelihood is {model.likelihood.name!r}, use 'sample'")
+        return (model.likelihood.mean(params) > 0.5).to(params.dtype)
+    raise ValueError(f"feedback: expected one of {FEEDBACKS}, got {feedback!r}")
+
+
+@torch.no_grad()
+def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps: int,
+                   feedback: str = "sample", sample_z: bool = False,
+                   generator: torch.Generator | None = None) -> IterativeReading:
+    """``steps`` iterations of re-inferring keys and reading the fixed memory (K++ eq. 7, KM Alg. 1).
+
+    x: queries (B, T, C, H, W), one episode batch matching the memory's B episodes. The
+    memory is only read, never written. Returns every step (see :class:`IterativeReading`).
+    """
+    _check_memory(model, memory)
+    _check_positive("steps", steps)
+    model.check_episode(x, "x")
+    if x.shape[0] != memory.episodes:
+        raise ValueError(f"x: expected {memory.episodes} episodes (the memory's), got {x.shape[0]}")
+    queries, keys, params = [], [], []
+    query = x
+    for step in range(steps):
+        k = model.infer_keys(query)                              # (B, T, *key_shape)
+        p = model.generate(memory, k, sample_z=sample_z, generator=generator)  # (B, T, C', H, W)
+        queries.append(query)
+        keys.append(k)
+        params.append(p)
+        if step + 1 < steps:
+            query = feed_back(model, p, feedback, generator)
+    return IterativeReading(torch.stack(queries), torch.stack(keys), torch.stack(params), model)
+
+
+@torch.no_grad()
+def clean_up(model: EpisodicModel, memory: Memory, keys: torch.Tensor, steps: int = 10,
+             feedback: str = "sample", sample_z: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate from ``keys`` and clean the generations up by iterative reading (K++ Fig. 6 left).
+
+    keys: (B, N, *key_shape), e.g. ``model.prior_keys(memory, N)``. Returns likelihood
+    parameters (steps + 1, B, N, C', H, W): the first generation, then each clean-up step.
+    """
+    _check_memory(model, memory)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    first = model.generate(memory, keys, sample_z=sample_z, generator=generator)
+    if steps == 0:
+        return first.unsqueeze(0)
+    query = feed_back(model, first, feedback, generator)
+    later = iterative_read(model, memory, query, steps, feedback, sample_z, generator).params
+    return torch.cat([first.unsqueeze(0), later])
+
+
+def perturbed_keys(keys: torch.Tensor, n: int, std: float = PERTURBATION_STD,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` local perturbations y + eps, eps ~ N(0, std^2 I), of each key (K++ §4.1.1).
+
+    keys: (B, N, *key_shape) -> (B, N * n, *key_shape); perturbations of key j are rows
+    j * n .. j * n + n - 1.
+    """
+    _check_positive("n", n)
+    if not std >= 0:
+        raise ValueError(f"std: expected a non-negative standard deviation, got {std!r}")
+    base = keys.repeat_interleave(n, dim=1)
+    return base + std * torch.randn(base.shape, generator=generator, device=base.device, dtype=base.dtype)
+
+
+def interpolate_keys(start: torch.Tensor, end: torch.Tensor, n: int) -> torch.Tensor:
+    """n points on the segment from ``start`` to ``end`` (both (B, *key_shape)): (B, n, *key_shape)."""
+    if n < 2:
+        raise ValueError(f"n: expected at least 2 points (the two ends), got {n!r}")
+    if start.shape != end.shape:
+        raise ValueError(f"end: expected the shape of start {tuple(start.shape)}, got {tuple(end.shape)}")
+    w = torch.linspace(0.0, 1.0, n, device=start.device, dtype=start.dtype)
+    w = w.view(1, n, *([1] * (start.dim() - 1)))                  # (1, n, 1, ...)
+    return (1 - w) * start.unsqueeze(1) + w * end.unsqueeze(1)
+
+
+@torch.no_grad()
+def interpolate(model: EpisodicModel, memory: Memory, x: torch.Tensor, i: int, j: int, n: int = 8) -> torch.Tensor:
+    """Decode n points between the keys of images i and j of each episode of x: (B, n, C', H, W)."""
+    _check_memory(model, memory)
+    T = x.shape[1]
+    for name, idx in (("i", i), ("j", j)):
+        if not 0 <= idx < T:
+            raise ValueError(f"{name}: expected an image index in 0..{T - 1}, got {idx!r}")
+    keys = model.infer_keys(x)                                    # (B, T, *key_shape)
+    return model.generate(memory, interpolate_keys(keys[:, i], keys[:, j], n), sample_z=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m pyro_kpp.generation RUN_DIR MODE --out FIGURE.png
+# ---------------------------------------------------------------------------------------------
+
+MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")
+
+
+@torch.no_grad()
+def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, steps: int = 10,
+                feedback: str = "sample", std: float = PERTURBATION_STD,
+                generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[str]]:
+    """Image rows and their labels for one of ``MODES``, read from the memory of the first episode of x.
+
+    * random: the episode, then 4 rows of generations from prior keys (K++ Fig. 8);
+    * perturbed: 4 rows, each n perturbations y + eps of one prior key (K++ Fig. 7);
+    * clean-up: generations from prior keys, then each clean-up step (K++ Fig. 6 left);
+    * one-shot: as clean-up, under the conditioning episode (KM Fig. 4, for x from
+      ``pyro_kpp.data.class_episodes``);
+    * interpolate: up to 4 rows between the keys of images (0, 1), (2, 3), ... (KM §4.3);
+    * iterative-read: the episode, then each step of reading it iteratively (K++ eq. 7).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    _check_positive("n", n)
+    mean = model.likelihood.mean
+    x = x[:1]
+    memory = model.write(x)
+    if mode == "random":
+        keys = model.prior_keys(memory, n * 4, generator=generator)
+        probs = mean(model.generate(memory, keys, sample_z=False))[0]
+        return [x[0, :n], *probs.split(n)], ["episode", "random keys", "", "", ""]
+    if mode == "perturbed":
+        base = model.prior_keys(memory, 4, generator=generator)
+        probs = mean(model.generate(memory, perturbed_keys(base, n, std, generator), sample_z=False))[0]
+        return list(probs.split(n)), [f"key {r} + noise ({std})" for r in range(4)]
+    if mode in ("clean-up", "one-shot"):
+        keys = model.prior_keys(memory, n, generator=generator)
+        probs = mean(clean_up(model, memory, keys, steps, feedback, generator=generator))[:, 0]
+        head = [x[0, :n]] if mode == "one-shot" else []
+        return head + list(probs), ["episode"] * len(head) + ["random keys"] + [
+            f"step {s}" for s in range(1, steps + 1)]
+    if mode == "interpolate":
+        pairs = [(2 * r, 2 * r + 1) for r in range(min(4, x.shape[1] // 2))]
+        rows = [mean(interpolate(model, memory, x, a, b, n))[0] for a, b in pairs]
+        return rows, [f"image {a} -> {b}" for a, b in pairs]
+    reading = iterative_read(model, memory, x, steps, feedback, generator=generator)
+    return [x[0, :n], *reading.means()[:, 0, :n]], ["episode"] + [f"step {s}" for s in range(1, steps + 1)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pyro_kpp.generation", description=(
+        "Figures read from a memory written from one test episode: random or perturbed-key "
+        "generations, iterative clean-up, one-shot generation from an episode of a few "
+        "characters, interpolation, iterative reading."))
+    p.add_argument("run_dir", help="run directory (or checkpoint file)")
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("-n", type=int, default=8, help="images per row")
+    p.add_argument("--steps", type=int, default=10, help="iterations (clean-up, one-shot, iterative-read)")
+    p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what iterative reading feeds back")
+    p.add_argument("--std", type=float, default=PERTURBATION_STD, help="key perturbation std (perturbed)")
+    p.add_argument("--classes", type=int, default=2, help="characters in the one-shot episode (KM: 2, 4, 12)")
+    p.add_argument("-T", "--episode-length", type=int, default=None,
+                   help="images in the written episode (default: the run's; one-shot: 12, as KM Fig. 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import data as data_lib
+    from .api import load
+    from .plots import rows_figure
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        model = load(args.run_dir)
+        cfg = model.cfg
+        data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
+        binarize = model.likelihood.binarized
+        if args.mode == "one-shot":
+            T = args.episode_length or 12
+            x, _ = data_lib.class_episodes(data, args.classes, T, seed=args.seed, binarize=binarize)
+        else:
+            T = args.episode_length or cfg.episode_length
+            x = next(iter(data_lib.Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
+        gen = torch.Generator().manual_seed(args.seed)
+        rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
+        rows_figure(rows, labels).savefig(args.out, dpi=100)
+    except (ValueError, TypeError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"wrote {Path(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

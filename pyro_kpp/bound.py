@@ -22,6 +22,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .episodic import EpisodicModel
@@ -38,10 +39,34 @@ def make_elbo(name: str):
     raise ValueError(f"elbo: expected 'trace' or 'meanfield', got {name!r}")
 
 
-def training_loss(model: EpisodicModel, x: torch.Tensor, elbo) -> torch.Tensor:
-    """Differentiable negative ELBO per image of a batch of episodes (B, T, C, H, W)."""
+class ScaleLatents(Messenger):
+    """Multiply the log-densities of every latent site, in model and guide alike, by ``beta``.
+
+    The ELBO becomes E[ln p(x|z)] - beta * KL: a KL warm-up (beta < 1 early in training) that
+    keeps the keys and codes from collapsing onto their priors before the memory has any
+    structure to offer them. Observed sites (the data, the deterministic memory) are untouched.
+    Only training uses it; every reported bound has beta = 1.
+    """
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float = 1.0) -> torch.Tensor:
+    """Differentiable negative ELBO per image of a batch of episodes (B, T, C, H, W).
+
+    ``kl_scale`` < 1 weights the KL terms down (see ``ScaleLatents``); 1 is the true bound.
+    """
+    model_fn, guide_fn = model.model, model.guide
+    if kl_scale != 1.0:
+        model_fn, guide_fn = ScaleLatents(kl_scale)(model_fn), ScaleLatents(kl_scale)(guide_fn)
     with model.reuse_embedding():
-        loss = elbo.differentiable_loss(model.model, model.guide, x)
+        loss = elbo.differentiable_loss(model_fn, guide_fn, x)
     return loss / (x.shape[0] * x.shape[1])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,6 +49,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def ensure_writable(run_dir: str | os.PathLike, needed_bytes: int) -> Path:
+    """Fail before training, with a clear message, if ``run_dir`` cannot hold our checkpoints."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-") as probe:
+            probe.write(b"pyro_kpp")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise OSError(f"run directory: cannot write to {run_dir} ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise OSError(f"run directory: {run_dir} has {free / 2**20:.1f} MiB free, checkpoints need about "
+                      f"{needed_bytes / 2**20:.1f} MiB (a new one is written beside the old one)")
+    return run_dir
 
 
 def find_checkpoint(location: str | os.PathLike) -> Path:

@@ -53,7 +53,9 @@ class Config:
     # optimisation
     elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
     lr: float = 1e-3
+    kl_warmup: int = 1000             # steps of linear KL warm-up from 0 to 1 (0: the plain ELBO throughout)
     clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
+    max_nonfinite: int = 10           # stop after this many non-finite losses/gradients in a row (each skipped)
     epochs: int = 100
     max_steps: int | None = None
     max_minutes: float | None = None  # training-time budget (excludes evaluation), for equal-budget comparisons
@@ -72,12 +74,14 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        positive = ["episode_length", "batch_size", "reads", "window", "writer_channels", "slots",
+        positive = ["max_nonfinite", "episode_length", "batch_size", "reads", "window", "writer_channels", "slots",
                     "address_size", "dkm_write_iterations", "code_size", "embed_size", "hidden", "epochs"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup: expected a non-negative integer number of steps, got {self.kl_warmup!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:

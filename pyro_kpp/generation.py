@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ class IterativeReading:
     queries: torch.Tensor  # (n, B, T, C, H, W)
     keys: torch.Tensor     # (n, B, T, *key_shape)
     params: torch.Tensor   # (n, B, T, C', H, W)
-    model: EpisodicModel
+    model: EpisodicModel = field(repr=False)
 
     @property
     def steps(self) -> int:
@@ -108,6 +108,8 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
     """
     _check_memory(model, memory)
     _check_positive("steps", steps)
+    if feedback not in FEEDBACKS:
+        raise ValueError(f"feedback: expected one of {FEEDBACKS}, got {feedback!r}")
     model.check_episode(x, "x")
     if x.shape[0] != memory.episodes:
         raise ValueError(f"x: expected {memory.episodes} episodes (the memory's), got {x.shape[0]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pyro import poutine
 from torchvision.utils import save_image
 
 from .episodic import EpisodicModel
@@ -45,15 +46,20 @@ def rows_figure(rows: list[torch.Tensor], labels: list[str] | None = None, scale
 
 @torch.no_grad()
 def reconstruction_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16) -> list[torch.Tensor]:
-    """Rows for the first episode of ``x``: data, and its reconstruction read from memory.
+    """Rows for the first ``n`` images of the first episode of ``x``:
 
-    The reconstruction writes the episode, infers each image's keys with the guide (posterior
-    means) and decodes the memory read at those keys (K++ §3.5, generation branch).
+    1. the data;
+    2. the decoder's mean at a draw of z from the guide, z ~ q(z|X) (the training branch);
+    3. the memory read: write the whole episode, infer each image's keys with the guide
+       (posterior means), decode the prior mean code read at those keys (K++ §3.5).
     """
-    x = x[:1, :n]
+    x = x[:1]
+    with model.reuse_embedding():
+        z = poutine.trace(model.guide).get_trace(x).nodes["z"]["value"]          # (1, T, L)
+    through_guide = model.likelihood.mean(model.decode(z))[0, :n]
     memory = model.write(x)
     params = model.generate(memory, model.infer_keys(x), sample_z=False)
-    return [x[0], model.likelihood.mean(params)[0]]
+    return [x[0, :n], through_guide, model.likelihood.mean(params)[0, :n]]
 
 
 @torch.no_grad()

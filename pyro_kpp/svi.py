@@ -13,8 +13,9 @@ write image grids, append a line to ``metrics.jsonl`` and save ``checkpoint.pt``
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,11 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, ensure_writable, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import KM_READ_WRITE, Config
 from .device import resolve_device
+from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .plots import reconstruction_rows, sample_rows, save_rows
 from .registry import MODELS, build_model
@@ -41,11 +44,11 @@ FLAGS = {
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
-    "lr": "lr", "clip_norm": "clip_norm", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
+    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "max_nonfinite": "max_nonfinite", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
     "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
 # Options that may change when resuming a run (they do not change the model or data order).
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "device", "eval_episodes", "data_dir"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "device", "eval_episodes", "data_dir"}
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -87,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-size", type=int, help=f"embedding size (default {d.embed_size})")
     p.add_argument("--hidden", type=int, help=f"units of dense heads (default {d.hidden})")
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
+    p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
+                                                 f"(0 = none; default {d.kl_warmup})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
+    p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
+                                                     f"in a row, each skipped (default {d.max_nonfinite})")
     p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time (minutes, "
@@ -123,6 +130,19 @@ def make_episodes(cfg: Config, data: data_lib.ImageData, device: torch.device) -
                              device=device)
 
 
+def check_resume_targets(cfg: Config, resume_state: dict | None) -> None:
+    """A resumed run must have something left to do: contradictory targets are errors."""
+    if resume_state is None:
+        return
+    done = resume_state["step"]
+    if cfg.max_steps is not None and cfg.max_steps <= done:
+        raise ValueError(f"--max-steps: the checkpoint is already at step {done}; "
+                         f"ask for more than {done} steps to continue")
+    if cfg.epochs <= resume_state["epoch"]:
+        raise ValueError(f"--epochs: the checkpoint has finished {resume_state['epoch']} epochs; "
+                         f"ask for more than {resume_state['epoch']} to continue")
+
+
 def test_batches(episodes: data_lib.Episodes, max_episodes: int | None):
     """The fixed test episodes, capped at ``max_episodes`` episodes."""
     if max_episodes is None:
@@ -134,6 +154,31 @@ def test_batches(episodes: data_lib.Episodes, max_episodes: int | None):
             return
         yield x[:left]
         left -= x.shape[0]
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric records past ``step``: a run killed after writing them but before its
+    checkpoint redoes that work on resume, and must not be counted twice."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
@@ -165,26 +210,40 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch, epoch_step, step = 0, 0, 0
     loss_sum, loss_count = 0.0, 0
+    skipped, nonfinite_in_row = 0, 0
     train_seconds_total = 0.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         epoch, epoch_step, step = resume_state["epoch"], resume_state["epoch_step"], resume_state["step"]
         loss_sum, loss_count = resume_state["epoch_loss"]
         train_seconds_total = resume_state["train_seconds"]
+        skipped, nonfinite_in_row = resume_state["skipped"]
         set_rng_state(resume_state["rng"])
+    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ensure_writable(run_dir, needed_bytes=2 * 3 * state_bytes + 2**20)   # old + new, weights + Adam moments
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     elbo = make_elbo(cfg.elbo)
     metrics_path = run_dir / "metrics.jsonl"
+    if resume_state is not None:
+        trim_metrics(metrics_path, step)
     history = []
     first_test = next(iter(episodes.test_episodes()))
     steps_per_epoch = episodes.steps_per_epoch()
     start_time = time.time()
 
     def checkpoint():
+        """Save everything needed to resume exactly; a failed write leaves the old file intact."""
+        try:
+            write_checkpoint()
+        except OSError as exc:
+            raise OSError(f"checkpoint: could not write {run_dir / CHECKPOINT_NAME} ({exc.strerror or exc}); "
+                          f"the previous checkpoint is intact") from None
+
+    def write_checkpoint():
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
-            "train_seconds": train_seconds_total,
+            "train_seconds": train_seconds_total, "skipped": (skipped, nonfinite_in_row),
             "rng": rng_state(), "pyro_kpp_version": __import__("pyro_kpp").__version__,
         })
 
@@ -194,61 +253,87 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         spent = train_seconds_total + seconds_this_epoch
         return cfg.max_minutes is None or spent < 60 * cfg.max_minutes
 
+    def kl_scale(at_step: int) -> float:
+        """KL warm-up: the KL weight rises linearly from 0 to 1 over cfg.kl_warmup steps."""
+        return 1.0 if cfg.kl_warmup == 0 else min(1.0, (at_step + 1) / cfg.kl_warmup)
+
     model.train()
-    while epoch < cfg.epochs and budget_left():
-        epoch_start = time.time()
-        batches = episodes.train_epoch(epoch, start_step=epoch_step)
-        bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}",
-                   unit="step", disable=not progress, dynamic_ncols=True)
-        running = None
-        for x in bar:
-            loss = training_loss(model, x, elbo)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            optimizer.step()
-            value = loss.item()
-            loss_sum, loss_count = loss_sum + value, loss_count + 1
-            running = value if running is None else 0.95 * running + 0.05 * value
-            epoch_step += 1
-            step += 1
-            bar.set_postfix_str(f"bound {running:.2f} nats/image")
-            if not budget_left(time.time() - epoch_start):
-                break
-        bar.close()
-        epoch_done = epoch_step >= steps_per_epoch
-        train_seconds = time.time() - epoch_start
-        train_seconds_total += train_seconds
-        # Evaluation and images draw from their own seeded RNG stream, so they neither
-        # perturb training (an interrupted-and-resumed run stays identical) nor differ
-        # between epochs except through the parameters.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed + 1)
-            test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
-            write_images(model, first_test, run_dir, epoch, cfg.seed)
-        record = {
-            "epoch": epoch, "step": step, "epoch_complete": epoch_done,
-            "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
-            "test_images": test["images"], "train_seconds": round(train_seconds, 2),
-            "train_seconds_total": round(train_seconds_total, 2),
-            "wall_seconds": round(time.time() - start_time, 2),
-        }
-        if not LIKELIHOODS[cfg.likelihood].binarized:
-            record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
-            record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress or not sys.stderr.isatty():
-            print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
-                  f"test bound {record['test_bound']:.2f} nats/image"
-                  + (f" = {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
-                  + f" ({train_seconds:.0f} s)",
-                  file=sys.stderr, flush=True)
-        if epoch_done:
-            epoch, epoch_step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
-        checkpoint()
+    with StopRequests() as stop:
+        while epoch < cfg.epochs and budget_left():
+            epoch_start = time.time()
+            batches = episodes.train_epoch(epoch, start_step=epoch_step)
+            bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}",
+                       unit="step", disable=not progress, dynamic_ncols=True)
+            running = None
+            for x in bar:
+                beta = kl_scale(step)
+                loss = training_loss(model, x, elbo, kl_scale=beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+                value = loss.item()
+                if math.isfinite(value) and math.isfinite(grad_norm.item()):
+                    optimizer.step()
+                    nonfinite_in_row = 0
+                    loss_sum, loss_count = loss_sum + value, loss_count + 1
+                    running = value if running is None else 0.95 * running + 0.05 * value
+                else:                                   # skip the update, keep the parameters
+                    skipped += 1
+                    nonfinite_in_row += 1
+                    if nonfinite_in_row >= cfg.max_nonfinite:
+                        raise NonFiniteTraining(
+                            f"training: {nonfinite_in_row} steps in a row (up to step {step}) gave a non-finite "
+                            f"loss or gradient; stopped. The last good checkpoint is kept at "
+                            f"{run_dir / CHECKPOINT_NAME} (try a lower --lr or --clip-norm)")
+                epoch_step += 1
+                step += 1
+                if running is not None:
+                    bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta == 1.0 else
+                                        f"warm-up loss {running:.2f} (KL x {beta:.2f})")
+                if stop.requested or not budget_left(time.time() - epoch_start):
+                    break
+            bar.close()
+            if stop.requested:
+                train_seconds_total += time.time() - epoch_start
+                checkpoint()
+                print(f"{stop.name}: stopped at step {step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}. "
+                      f"Resume with: python -m pyro_kpp.svi --resume {run_dir}", file=sys.stderr, flush=True)
+                raise Interrupted(stop.signum)
+            epoch_done = epoch_step >= steps_per_epoch
+            train_seconds = time.time() - epoch_start
+            train_seconds_total += train_seconds
+            # Evaluation and images draw from their own seeded RNG stream, so they neither
+            # perturb training (an interrupted-and-resumed run stays identical) nor differ
+            # between epochs except through the parameters.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed + 1)
+                test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
+                write_images(model, first_test, run_dir, epoch, cfg.seed)
+            record = {
+                "epoch": epoch, "step": step, "epoch_complete": epoch_done,
+                "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
+                "test_images": test["images"], "train_seconds": round(train_seconds, 2),
+                "train_seconds_total": round(train_seconds_total, 2),
+                "kl_scale": kl_scale(step - 1),   # < 1: train_bound is the warm-up objective, not the bound
+                "skipped_steps": skipped,          # non-finite loss or gradient, update skipped (whole run)
+                "wall_seconds": round(time.time() - start_time, 2),
+            }
+            if not LIKELIHOODS[cfg.likelihood].binarized:
+                record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
+                record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
+            history.append(record)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress or not sys.stderr.isatty():
+                print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
+                      f"test bound {record['test_bound']:.2f} nats/image"
+                      + (f" = {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
+                      + f" ({train_seconds:.0f} s)",
+                      file=sys.stderr, flush=True)
+            if epoch_done:
+                epoch, epoch_step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+            checkpoint()
     return history
 
 
@@ -265,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_dir = Path("runs") / f"{cfg.data}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"run directory: {run_dir}", file=sys.stderr)
+        check_resume_targets(cfg, resume_state)
         history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False))
-    except (ValueError, TypeError, OSError) as exc:
+    except Interrupted as stop:
+        return 128 + stop.signum
+    except (ValueError, TypeError, OSError, NonFiniteTraining) as exc:
         parser.exit(2, f"error: {exc}\n")
     if history:
         print(json.dumps(history[-1]))

@@ -1,6 +1,11 @@
 """Test helpers importable from every test module (``from helpers import tiny_config``)."""
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
+import numpy as np
+
 from pyro_kpp.config import Config
 
 # Small enough that a training step takes milliseconds, large enough to exercise every shape.
@@ -21,3 +26,24 @@ def tiny_cli_args(**overrides) -> list[str]:
             value = ",".join(map(str, value))
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the big-endian idx format of (Fashion-)MNIST."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", (0x08 << 8) | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def make_mnist(root: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """A synthetic MNIST stand-in in torchvision's raw layout: root/MNIST/raw/*-idx?-ubyte."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[f"{prefix}-images"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}-labels"] = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", arrays[f"{prefix}-images"])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", arrays[f"{prefix}-labels"])
+    return arrays

@@ -21,7 +21,7 @@ import pyro_kpp
 from pyro_kpp.bound import evaluate, log_weights, make_elbo, training_loss
 from pyro_kpp.dmol import (HALF_BIN, LEVELS, DiscretizedLogisticMixture, channels_from_params,
                            coefficient_count, params_per_component)
-from pyro_kpp.likelihoods import DMOL_COMPONENTS, bits_per_dim, make_likelihood
+from pyro_kpp.likelihoods import DMOL_COMPONENTS, bits_per_dim
 from pyro_kpp.registry import MODELS, build_model
 
 F64 = torch.float64
@@ -236,7 +236,7 @@ def test_every_model_runs_with_the_dmol_likelihood_on_colour_images(name):
     x = torch.randint(0, LEVELS, (2, 4, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float() / 255
     loss = training_loss(model, x, make_elbo("trace"))
     loss.backward()
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
     assert log_weights(model, x, samples=3).shape == (3, 2, 4)
     drawn = pyro_kpp.sample(pyro_kpp.write(model.eval(), x), n=2, binary=True)

@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 
 from pyro_kpp import inspect as I
 from pyro_kpp.bound import log_weights
-from pyro_kpp.registry import build_model
+from pyro_kpp.registry import MODELS, build_model
 from pyro_kpp.spatial import SpatialTransformerRead, exact_window_keys
 
 from helpers import tiny_config
@@ -124,3 +124,16 @@ def test_memory_plots(model, episode):
         I.plot_image_windows(memory, keys, episode[0, :2])
     with pytest.raises(ValueError, match="block memory"):
         I.plot_memory((torch.zeros(2, 3), torch.zeros(3)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_models_draws_share_the_bounds_weights(name, episode):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model=name)).eval()
+    draws = I.posterior_draws(model, episode, samples=4, seed=1)
+    assert draws.samples and all(v.shape[:3] == (4, 2, 4) for v in draws.samples.values())
+    assert set(draws.samples) <= set(draws.kl) and all(v.shape == (2, 4) for v in draws.kl.values())
+    torch.manual_seed(1)
+    assert torch.allclose(draws.log_weights, log_weights(model, episode, samples=4, chunk=4), atol=1e-3)
+    idata = I.to_inference_data(draws)
+    assert set(idata.posterior.data_vars) == set(draws.samples)

@@ -10,7 +10,7 @@ from PIL import Image
 import pyro_kpp
 from pyro_kpp import generation as G
 from pyro_kpp.data import DataError, ImageData, class_episodes
-from pyro_kpp.registry import build_model
+from pyro_kpp.registry import MODELS, build_model
 
 from helpers import tiny_config
 
@@ -138,7 +138,8 @@ def test_class_episodes_errors(omniglot):
         class_episodes(omniglot, 2, 32)                       # 16 test images of one character: none
     with pytest.raises(DataError, match="cannot all appear"):
         class_episodes(omniglot, 5, 4)
-    unlabelled = ImageData("toy", torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    blank = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    unlabelled = ImageData("toy", blank, blank)
     with pytest.raises(DataError, match="no class labels"):
         class_episodes(unlabelled, 1, 2)
 
@@ -153,3 +154,16 @@ def test_generation_cli_writes_each_figure(tiny_run, tmp_path, mode, capsys):
     with Image.open(out) as im:
         assert im.size[0] > 100 and im.size[1] > 50
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_reads_iteratively_through_the_interface(name, episode):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model=name)).eval()
+    memory = model.write(episode)
+    before = [v.clone() for v in (memory.value if isinstance(memory.value, tuple) else (memory.value,))]
+    reading = G.iterative_read(model, memory, episode, 2, generator=torch.Generator().manual_seed(0))
+    assert reading.params.shape == (2, 2, 4, 1, 28, 28) and reading.keys.shape[:3] == (2, 2, 4)
+    after = memory.value if isinstance(memory.value, tuple) else (memory.value,)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert G.clean_up(model, memory, model.prior_keys(memory, 3), 1).shape == (2, 2, 3, 1, 28, 28)

@@ -1,0 +1,68 @@
+"""The VAE baseline: trace shapes, the bound against a hand computation, a memory that carries
+nothing, and learning on real Omniglot (the CLI / API run is in test_km.py with KM and DKM)."""
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from torch.distributions import Bernoulli, Normal
+
+from pyro_kpp.bound import PARTICLE_DIM, log_weights
+from pyro_kpp.registry import build_model
+
+from helpers import tiny_config
+from test_km import episode, learns_on_omniglot, site_plates, site_shapes
+
+VAE = dict(model="vae")
+
+
+def test_model_and_guide_trace_shapes():
+    model = build_model(tiny_config(**VAE))
+    x = episode()
+    guide_tr = poutine.trace(model.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
+    assert site_shapes(guide_tr) == {"z": ((2, 4), (8,))}
+    assert site_shapes(model_tr) == {"z": ((2, 4), (8,)), "x": ((2, 4), (1, 28, 28))}
+    assert site_plates(model_tr) == {"z": {"episodes", "images"}, "x": {"episodes", "images"}}
+    with pyro.plate("particles", 3, dim=PARTICLE_DIM):
+        guide_tr = poutine.trace(model.guide).get_trace(x)
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
+    model_tr.compute_log_prob()
+    assert model_tr.nodes["x"]["log_prob"].shape == (3, 2, 4)
+    assert model_tr.nodes["z"]["log_prob"].shape == (3, 2, 4)
+
+
+def test_log_weights_equal_the_hand_computation():
+    """ln p(x_t|z_t) + ln N(z_t; 0, I) - ln q(z_t|x_t), per image (KM eq. 1)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**VAE))
+    x = episode(B=3, T=5)
+    pyro.set_rng_seed(7)
+    lw = log_weights(model, x, samples=1)[0]
+    pyro.set_rng_seed(7)
+    z = poutine.trace(model.guide).get_trace(x).nodes["z"]["value"]
+    E = model.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    z_loc, z_scale = model.q.code_head(E)
+    logits = model.decoder(z.flatten(0, 1)).reshape(x.shape)
+    expected = (Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
+                + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(z_loc, z_scale).log_prob(z).sum(-1))
+    torch.testing.assert_close(lw, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_memory_carries_nothing():
+    """Samples come from the prior: the same generator gives the same images whatever was written."""
+    model = build_model(tiny_config(**VAE)).eval()
+    a, b = model.write(episode(seed=1)), model.write(episode(seed=2))
+    assert a.value.shape == (2, 0)
+    keys_a = model.prior_keys(a, 5, generator=torch.Generator().manual_seed(0))
+    keys_b = model.prior_keys(b, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.generate(a, keys_a), model.generate(b, keys_b))
+    torch.testing.assert_close(model.generate(a, keys_a), model.decode(keys_a))
+    with pytest.raises(ValueError, match=r"keys: expected codes z of shape \(2, N, 8\)"):
+        model.generate(a, torch.zeros(2, 5, 7))
+
+
+def test_bound_decreases_on_real_omniglot(omniglot):
+    before, after = learns_on_omniglot(omniglot, tiny_config(**VAE, episode_length=8, batch_size=4))
+    assert after < before - 100, (before, after)

@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 
+import pyro
 import pytest
 import torch
 
 from pyro_kpp import svi
+from pyro_kpp.bound import image_bounds, make_elbo, training_loss
+from pyro_kpp.registry import MODELS, build_model
 from pyro_kpp.checkpoint import CheckpointError, load_checkpoint
 
-from helpers import make_mnist, tiny_cli_args
+from helpers import make_mnist, tiny_cli_args, tiny_config
 
 # A synthetic MNIST of 256 training images: 16 steps per epoch of 4 episodes of 4 images, so a
 # whole 12-epoch run takes seconds and a signal at a random time lands mid-run.
@@ -195,3 +198,17 @@ def test_resume_targets_must_leave_work_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         svi.main(["--resume", str(run), "--max-steps", "2"])
     assert "already at step 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_bounds_stay_finite_for_extreme_images(model_name):
+    """All-zero and all-one episodes (blank and saturated images) give finite bounds and gradients."""
+    pyro.set_rng_seed(0)
+    model = build_model(tiny_config(model=model_name, slots=8, address_size=8))
+    for value in (0.0, 1.0):
+        x = torch.full((2, 4, 1, 28, 28), value)
+        b = image_bounds(model, x, samples=3)
+        assert torch.isfinite(b["elbo"]).all() and torch.isfinite(b["iw"]).all()
+        loss = training_loss(model, x, make_elbo("trace"))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -23,11 +23,11 @@ from pyro_kpp.spatial import KEY_DIM
 class KppGuide(PyroModule):
     """The guide's networks and its sampling statements; called with E (B, T, D)."""
 
-    def __init__(self, embed_size: int, reads: int, code_size: int, hidden: int):
+    def __init__(self, embed_size: int, reads: int, code_size: int, hidden: int, spectral_norm: bool = False):
         super().__init__()
         self.reads = reads
-        self.key_head = GaussianHead(embed_size, reads * KEY_DIM, hidden)
-        self.code_head = GaussianHead(embed_size, code_size, hidden)
+        self.key_head = GaussianHead(embed_size, reads * KEY_DIM, hidden, spectral_norm=spectral_norm)
+        self.code_head = GaussianHead(embed_size, code_size, hidden, spectral_norm=spectral_norm)
 
     def key_posterior(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """loc, scale of q(y_t | X): (B, T, K, 3) each, from E (B, T, D)  (eq. 6)."""

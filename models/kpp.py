@@ -23,7 +23,7 @@ import torch
 from pyro_kpp.config import Config
 from pyro_kpp.episodic import EpisodicModel, Memory
 from pyro_kpp.guides.kpp import KppGuide
-from pyro_kpp.nets import ConvGaussianHead, MemoryWriter, over_leading
+from pyro_kpp.nets import ConvGaussianHead, MemoryWriter, dense_spectral_norm, over_leading
 from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
 
 
@@ -37,7 +37,8 @@ class KanervaPlusPlus(EpisodicModel):
         self.writer = MemoryWriter(cfg.embed_size, cfg.memory_shape, cfg.writer_channels)
         self.reader = SpatialTransformerRead(window)
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
-        self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden)
+        self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
+                          spectral_norm=dense_spectral_norm(cfg))     # App. E (paper preset)
 
     # -- pieces named after the paper's equations ------------------------------------------
     def write_memory(self, E: torch.Tensor) -> torch.Tensor:

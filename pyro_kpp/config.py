@@ -19,12 +19,20 @@ DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
 #: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
 DEFAULT_SLOTS = {"dkm": 32}
 KM_READ_WRITE = ("mean", "distribution")
+#: Network presets (``pyro_kpp.nets.build_encoder``): "cpu" = small conv stacks; "paper" = K++
+#: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
+#: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
+PRESET_DEFAULTS = {
+    "cpu": {"hidden": 256, "writer_channels": 64},
+    "paper": {"hidden": 512, "writer_channels": 256},   # App. E: dense nets of 512, writer base 256
+}
 
 
 @dataclass
 class Config:
     # what to train
     model: str = "kpp"
+    preset: str = "cpu"               # networks and optimiser: "cpu" or "paper" (PRESET_DEFAULTS)
     data: str = "omniglot"
     data_dir: str | None = None
     # "bernoulli": dynamically binarized data; "dmol": 8-bit data (k/255, no binarization) under a
@@ -38,7 +46,7 @@ class Config:
     reads: int = 2                    # K (paper: 2)
     memory_shape: tuple[int, int, int] = (3, 64, 64)  # C x H x W (paper)
     window: int = 16                  # h = w of each read window
-    writer_channels: int = 64         # base channels of f_mem (paper: 256)
+    writer_channels: int | None = None  # base channels of f_mem; None = by preset (cpu 64, paper 256)
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
     slots: int | None = None          # K memory rows; None = by model (DEFAULT_SLOTS, else 64)
     address_size: int = 50            # KM: S, size of y_t and of the key b_t = f(y_t) (KM §4: 64 x 50 addresses)
@@ -49,7 +57,7 @@ class Config:
     # sizes shared by all models
     code_size: int = 64               # L, dimension of z
     embed_size: int = 256             # D, dimension of e_t
-    hidden: int = 256                 # units of the dense heads
+    hidden: int | None = None         # units of the dense heads; None = by preset (cpu 256, paper 512)
     # optimisation
     elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
     lr: float = 1e-3
@@ -71,6 +79,11 @@ class Config:
             self.likelihood = DEFAULT_LIKELIHOOD.get(self.data, "bernoulli")
         if self.slots is None:
             self.slots = DEFAULT_SLOTS.get(self.model, 64)
+        if self.preset not in PRESET_DEFAULTS:
+            raise ValueError(f"preset: expected one of {sorted(PRESET_DEFAULTS)}, got {self.preset!r}")
+        for name, value in PRESET_DEFAULTS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:

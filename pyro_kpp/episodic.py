@@ -22,7 +22,7 @@ from pyro.nn import PyroModule
 
 from .config import Config
 from .likelihoods import make_likelihood
-from .nets import ConvDecoder, ConvEncoder, over_leading
+from .nets import build_decoder, build_encoder, over_leading
 
 
 @dataclass
@@ -67,8 +67,8 @@ class EpisodicModel(PyroModule):
         self.cfg = cfg
         self.likelihood = make_likelihood(cfg.likelihood)
         c = cfg.image_shape[0]
-        self.encoder = ConvEncoder(cfg.image_shape, cfg.embed_size)
-        self.decoder = ConvDecoder(cfg.code_size, cfg.image_shape, self.likelihood.out_channels(c))
+        self.encoder = build_encoder(cfg)                    # by cfg.preset (pyro_kpp.nets)
+        self.decoder = build_decoder(cfg, self.likelihood.out_channels(c))
         self._embedding_cache: dict | None = None
 
     # -- inputs ---------------------------------------------------------------------------
@@ -99,6 +99,8 @@ class EpisodicModel(PyroModule):
         """
         def encode():
             self.check_episode(x)
+            if self.encoder.mixes_episode:                       # TSM: needs the (B, T) structure
+                return self.encoder(x)                           # (B, T, D)
             return over_leading(self.encoder, x, 3)             # (B, T, D)
         return self.cached(x, "E", encode)
 

@@ -1,9 +1,10 @@
 """Neural networks shared by every model: encoder, decoder, dense heads, memory writer.
 
-The CPU defaults are small convolutional stacks (ELU activations). The paper's
-TSM-ResNet18 encoder and EvoNormS0 decoder (K++ Appendix E) are far too slow for a
-2-core CPU; every model in this package uses the *same* encoder and decoder classes so
-comparisons between K++, KM, DKM and the VAE isolate the memory.
+The CPU defaults (``Config.preset == "cpu"``) are small convolutional stacks (ELU
+activations). The paper's TSM-ResNet18 encoder and EvoNormS0 decoder (K++ Appendix E,
+``pyro_kpp.paper_nets``) are far too slow for a 2-core CPU and come with ``preset="paper"``.
+Every model in this package builds its encoder and decoder with ``build_encoder`` and
+``build_decoder``, so comparisons between K++, KM, DKM and the VAE isolate the memory.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def positive_scale(raw: torch.Tensor) -> torch.Tensor:
 
 class ConvEncoder(nn.Module):
     """f_enc for one image: (N, C, H, W) -> (N, D). Works for 28x28 and 32x32 inputs."""
+
+    #: each image is embedded on its own (``EpisodicModel.embed`` flattens the episode dims)
+    mixes_episode = False
 
     def __init__(self, image_shape: tuple[int, int, int], embed_size: int, channels: int = 32):
         super().__init__()
@@ -73,15 +77,23 @@ class ConvDecoder(nn.Module):
 
 
 class DenseNet(nn.Module):
-    """A dense network: ``layers`` hidden layers of ``hidden`` units with ELU, then a linear map."""
+    """A dense network: ``layers`` hidden layers of ``hidden`` units with ELU, then a linear map.
 
-    def __init__(self, in_size: int, out_size: int, hidden: int, layers: int = 2):
+    ``spectral_norm=True`` puts spectral normalisation (Miyato et al., 2018) on every linear
+    layer, the output layer included (K++ App. E "Dense models").
+    """
+
+    def __init__(self, in_size: int, out_size: int, hidden: int, layers: int = 2, spectral_norm: bool = False):
         super().__init__()
+        def linear(n_in: int, n_out: int) -> nn.Module:
+            layer = nn.Linear(n_in, n_out)
+            return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
+
         mods, size = [], in_size
         for _ in range(layers):
-            mods += [nn.Linear(size, hidden), nn.ELU()]
+            mods += [linear(size, hidden), nn.ELU()]
             size = hidden
-        mods.append(nn.Linear(size, out_size))
+        mods.append(linear(size, out_size))
         self.net = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +103,9 @@ class DenseNet(nn.Module):
 class GaussianHead(nn.Module):
     """(..., in) -> (loc, scale) of a diagonal Gaussian over ``out_size`` dims."""
 
-    def __init__(self, in_size: int, out_size: int, hidden: int, layers: int = 2):
+    def __init__(self, in_size: int, out_size: int, hidden: int, layers: int = 2, spectral_norm: bool = False):
         super().__init__()
-        self.net = DenseNet(in_size, 2 * out_size, hidden, layers)
+        self.net = DenseNet(in_size, 2 * out_size, hidden, layers, spectral_norm)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw = self.net(x).chunk(2, dim=-1)
@@ -146,3 +158,25 @@ class MemoryWriter(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.deconvs(self.fc(pooled).reshape(-1, *self.start))
+
+
+# -- the preset's networks (Config.preset) ------------------------------------------------------
+def build_encoder(cfg) -> nn.Module:
+    """f_enc for ``cfg.preset``: ConvEncoder ("cpu") or the TSM-ResNet18 of K++ App. E ("paper")."""
+    if cfg.preset == "paper":
+        from .paper_nets import TSMResNet18Encoder   # torchvision is imported only when needed
+        return TSMResNet18Encoder(cfg.image_shape, cfg.embed_size)
+    return ConvEncoder(cfg.image_shape, cfg.embed_size)
+
+
+def build_decoder(cfg, out_channels: int) -> nn.Module:
+    """p(x | z)'s network for ``cfg.preset``: ConvDecoder ("cpu") or EvoNormDecoder ("paper")."""
+    if cfg.preset == "paper":
+        from .paper_nets import EvoNormDecoder
+        return EvoNormDecoder(cfg.code_size, cfg.image_shape, out_channels)
+    return ConvDecoder(cfg.code_size, cfg.image_shape, out_channels)
+
+
+def dense_spectral_norm(cfg) -> bool:
+    """Whether the dense heads use spectral normalisation: only in the paper preset (App. E)."""
+    return cfg.preset == "paper"

@@ -9,6 +9,9 @@ Each epoch: train on every training image once (random episodes; binarized data 
 binarization, 8-bit data for ``--likelihood dmol`` are used as they are), evaluate the negative
 conditional bound on the fixed test episodes (in nats/image, and in bits/dim for 8-bit data),
 write image grids, append a line to ``metrics.jsonl`` and save ``checkpoint.pt`` (atomically).
+
+Under ``torchrun --nproc_per_node W -m pyro_kpp.svi ...`` the loop runs data-parallel on W
+ranks (``--batch-size`` is then the global batch): see pyro_kpp.distributed.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,20 +29,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from . import distributed
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
-from .checkpoint import (CHECKPOINT_NAME, ensure_writable, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import KM_READ_WRITE, Config
-from .device import resolve_device
+from .checkpoint import CHECKPOINT_NAME, ensure_writable, load_checkpoint, save_checkpoint
+from .config import KM_READ_WRITE, PRESET_DEFAULTS, Config
 from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
+from .optim import build_optimizer
 from .plots import reconstruction_rows, sample_rows, save_rows
 from .registry import MODELS, build_model
 
 # CLI flag -> Config field, for the options that map one to one.
 FLAGS = {
-    "model": "model", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
+    "model": "model", "preset": "preset", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--model", choices=sorted(MODELS), help=f"model (default {d.model})")
+    p.add_argument("--preset", choices=sorted(PRESET_DEFAULTS),
+                   help="networks and optimiser: cpu = small conv nets and Adam; paper = K++ Appendix E "
+                        f"(TSM-ResNet18, EvoNorm decoder, LARS(Adam), one-cycle cosine) (default {d.preset})")
     p.add_argument("--data", choices=data_lib.DATASETS, help=f"data set (default {d.data})")
     p.add_argument("--data-dir", help="data root (default: $PYRO_KPP_DATA, else a per-user cache folder)")
     p.add_argument("--likelihood", choices=sorted(LIKELIHOODS),
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-K", "--reads", type=int, help=f"K++ reads per image (default {d.reads})")
     p.add_argument("--memory-shape", type=parse_shape, help="K++ memory C,H,W (default 3,64,64)")
     p.add_argument("--window", type=int, help=f"K++ read window h=w (default {d.window})")
-    p.add_argument("--writer-channels", type=int, help=f"base channels of f_mem (default {d.writer_channels})")
+    p.add_argument("--writer-channels", type=int, help="base channels of f_mem (default by preset: cpu 64, paper 256)")
     p.add_argument("--slots", type=int, help="KM/DKM memory rows K (default: KM 64, DKM 32)")
     p.add_argument("--address-size", type=int, help=f"KM size S of y and of the keys f(y) (default {d.address_size})")
     p.add_argument("--km-read-write", choices=KM_READ_WRITE,
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"DKM solves of w per written image (default {d.dkm_write_iterations})")
     p.add_argument("--code-size", type=int, help=f"dimension L of z (default {d.code_size})")
     p.add_argument("--embed-size", type=int, help=f"embedding size (default {d.embed_size})")
-    p.add_argument("--hidden", type=int, help=f"units of dense heads (default {d.hidden})")
+    p.add_argument("--hidden", type=int, help="units of dense heads (default by preset: cpu 256, paper 512)")
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
     p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
                                                  f"(0 = none; default {d.kl_warmup})")
@@ -107,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default runs/<data>-<model>-<time>, or the resumed run)")
     p.add_argument("--resume", help="run directory or checkpoint file to resume from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-steps", action="store_true", help="append each step's loss (the global mean over "
+                                                           "ranks) and gradient norm to steps.jsonl")
     return p
 
 
@@ -193,11 +202,17 @@ def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -
 
 
 def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
-          progress: bool = True) -> list[dict]:
-    """Train ``cfg`` in ``run_dir``; returns the metrics of every epoch run here."""
+          progress: bool = True, log_steps: bool = False, world: distributed.World | None = None) -> list[dict]:
+    """Train ``cfg`` in ``run_dir``; returns the metrics of every epoch run here.
+
+    Under torchrun (``world``, see pyro_kpp.distributed) every rank trains on its slice of each
+    global batch of ``cfg.batch_size`` episodes with averaged gradients; only rank 0 evaluates
+    and writes files, and only rank 0 returns metrics.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    world = world or distributed.init(cfg.device)
+    device = world.device
+    mine = world.episodes(cfg.batch_size)                   # this rank's slice of every global batch
     data = data_lib.load_dataset(cfg.data, cfg.data_dir)
     cfg.image_shape = tuple(data.image_shape)
     episodes = make_episodes(cfg, data, device)
@@ -207,25 +222,31 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         model = build_model(cfg).to(device)
     else:
         model = model_from_state(resume_state, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    world.broadcast_parameters(model)
+    world.seed_sampling(cfg.seed)                           # per-rank noise (a no-op in one process)
+    optimizer, scheduler = build_optimizer(cfg, model, episodes.steps_per_epoch())   # by cfg.preset
     epoch, epoch_step, step = 0, 0, 0
     loss_sum, loss_count = 0.0, 0
     skipped, nonfinite_in_row = 0, 0
     train_seconds_total = 0.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume_state["scheduler"])
         epoch, epoch_step, step = resume_state["epoch"], resume_state["epoch_step"], resume_state["step"]
         loss_sum, loss_count = resume_state["epoch_loss"]
         train_seconds_total = resume_state["train_seconds"]
         skipped, nonfinite_in_row = resume_state["skipped"]
-        set_rng_state(resume_state["rng"])
+        world.restore_rng(resume_state["rng"], cfg.seed, step)
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ensure_writable(run_dir, needed_bytes=2 * 3 * state_bytes + 2**20)   # old + new, weights + Adam moments
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if world.is_main:
+        ensure_writable(run_dir, needed_bytes=2 * 3 * state_bytes + 2**20)   # old + new, weights + Adam moments
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     elbo = make_elbo(cfg.elbo)
     metrics_path = run_dir / "metrics.jsonl"
-    if resume_state is not None:
+    if resume_state is not None and world.is_main:
         trim_metrics(metrics_path, step)
+        trim_metrics(run_dir / "steps.jsonl", step)
     history = []
     first_test = next(iter(episodes.test_episodes()))
     steps_per_epoch = episodes.steps_per_epoch()
@@ -240,18 +261,22 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                           f"the previous checkpoint is intact") from None
 
     def write_checkpoint():
+        rng = world.checkpoint_rng(model)                   # every rank's; checks they agree
+        if not world.is_main:
+            return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
             "train_seconds": train_seconds_total, "skipped": (skipped, nonfinite_in_row),
-            "rng": rng_state(), "pyro_kpp_version": __import__("pyro_kpp").__version__,
+            "rng": rng, "pyro_kpp_version": __import__("pyro_kpp").__version__,
         })
 
     def budget_left(seconds_this_epoch: float = 0.0) -> bool:
         if cfg.max_steps is not None and step >= cfg.max_steps:
             return False
         spent = train_seconds_total + seconds_this_epoch
-        return cfg.max_minutes is None or spent < 60 * cfg.max_minutes
+        return cfg.max_minutes is None or not world.any(spent >= 60 * cfg.max_minutes)
 
     def kl_scale(at_step: int) -> float:
         """KL warm-up: the KL weight rises linearly from 0 to 1 over cfg.kl_warmup steps."""
@@ -263,18 +288,21 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             epoch_start = time.time()
             batches = episodes.train_epoch(epoch, start_step=epoch_step)
             bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch}",
-                       unit="step", disable=not progress, dynamic_ncols=True)
-            running = None
+                       unit="step", disable=not (progress and world.is_main), dynamic_ncols=True)
+            running, interrupted = None, False
             for x in bar:
+                x = x[mine]
                 beta = kl_scale(step)
                 loss = training_loss(model, x, elbo, kl_scale=beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                value = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-                value = loss.item()
                 if math.isfinite(value) and math.isfinite(grad_norm.item()):
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     nonfinite_in_row = 0
                     loss_sum, loss_count = loss_sum + value, loss_count + 1
                     running = value if running is None else 0.95 * running + 0.05 * value
@@ -288,49 +316,58 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                             f"{run_dir / CHECKPOINT_NAME} (try a lower --lr or --clip-norm)")
                 epoch_step += 1
                 step += 1
+                if log_steps and world.is_main:
+                    with (run_dir / "steps.jsonl").open("a") as f:
+                        f.write(json.dumps({"step": step, "loss": value, "grad_norm": grad_norm.item(),
+                                            "kl_scale": beta}) + "\n")
                 if running is not None:
                     bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta == 1.0 else
                                         f"warm-up loss {running:.2f} (KL x {beta:.2f})")
-                if stop.requested or not budget_left(time.time() - epoch_start):
+                interrupted = world.any(stop.requested)       # all ranks stop at the same step
+                if interrupted or not budget_left(time.time() - epoch_start):
                     break
             bar.close()
-            if stop.requested:
+            if interrupted:
                 train_seconds_total += time.time() - epoch_start
                 checkpoint()
-                print(f"{stop.name}: stopped at step {step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}. "
-                      f"Resume with: python -m pyro_kpp.svi --resume {run_dir}", file=sys.stderr, flush=True)
-                raise Interrupted(stop.signum)
+                if world.is_main:
+                    print(f"{stop.name or 'another rank'}: stopped at step {step}; checkpoint saved to "
+                          f"{run_dir / CHECKPOINT_NAME}. Resume with: python -m pyro_kpp.svi --resume {run_dir}",
+                          file=sys.stderr, flush=True)
+                raise Interrupted(stop.signum or signal.SIGTERM)
             epoch_done = epoch_step >= steps_per_epoch
             train_seconds = time.time() - epoch_start
             train_seconds_total += train_seconds
             # Evaluation and images draw from their own seeded RNG stream, so they neither
             # perturb training (an interrupted-and-resumed run stays identical) nor differ
             # between epochs except through the parameters.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed + 1)
-                test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
-                write_images(model, first_test, run_dir, epoch, cfg.seed)
-            record = {
-                "epoch": epoch, "step": step, "epoch_complete": epoch_done,
-                "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
-                "test_images": test["images"], "train_seconds": round(train_seconds, 2),
-                "train_seconds_total": round(train_seconds_total, 2),
-                "kl_scale": kl_scale(step - 1),   # < 1: train_bound is the warm-up objective, not the bound
-                "skipped_steps": skipped,          # non-finite loss or gradient, update skipped (whole run)
-                "wall_seconds": round(time.time() - start_time, 2),
-            }
-            if not LIKELIHOODS[cfg.likelihood].binarized:
-                record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
-                record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
-            history.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress or not sys.stderr.isatty():
-                print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
-                      f"test bound {record['test_bound']:.2f} nats/image"
-                      + (f" = {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
-                      + f" ({train_seconds:.0f} s)",
-                      file=sys.stderr, flush=True)
+            if world.is_main:                       # the others wait in checkpoint()'s gather
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(cfg.seed + 1)
+                    test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
+                    write_images(model, first_test, run_dir, epoch, cfg.seed)
+                record = {
+                    "epoch": epoch, "step": step, "epoch_complete": epoch_done,
+                    "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
+                    "test_images": test["images"], "train_seconds": round(train_seconds, 2),
+                    "train_seconds_total": round(train_seconds_total, 2),
+                    "kl_scale": kl_scale(step - 1),   # < 1: train_bound is the warm-up objective, not the bound
+                    "skipped_steps": skipped,          # non-finite loss or gradient, update skipped (whole run)
+                    "wall_seconds": round(time.time() - start_time, 2),
+                }
+                if not LIKELIHOODS[cfg.likelihood].binarized:
+                    record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
+                    record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
+                history.append(record)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress or not sys.stderr.isatty():
+                    print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
+                          f"test bound {record['test_bound']:.2f} nats/image"
+                          + (f" = {record['test_bits_per_dim']:.3f} bits/dim"
+                             if "test_bits_per_dim" in record else "")
+                          + f" ({train_seconds:.0f} s)",
+                          file=sys.stderr, flush=True)
             if epoch_done:
                 epoch, epoch_step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
             checkpoint()
@@ -343,15 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resume_state = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
         cfg = config_from_args(args, resume_state)
+        world = distributed.init(cfg.device)
         if getattr(args, "run_dir", None):
             run_dir = Path(args.run_dir)
         elif resume_state is not None:
             run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         else:
             run_dir = Path("runs") / f"{cfg.data}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        if world.is_main:
+            print(f"run directory: {run_dir}", file=sys.stderr)
         check_resume_targets(cfg, resume_state)
-        history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False))
+        history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
+                        log_steps=getattr(args, "log_steps", False), world=world)
     except Interrupted as stop:
         return 128 + stop.signum
     except (ValueError, TypeError, OSError, NonFiniteTraining) as exc:

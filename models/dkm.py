@@ -1,0 +1,163 @@
+"""The Dynamic Kanerva Machine as a Pyro program (Wu, Wayne, Gregor & Lillicrap, NeurIPS 2018).
+
+It keeps the Kanerva Machine's matrix-normal memory and replaces its learned addresses by
+addresses solved against the memory (see /work/shared/papers/DKM.md). Generative program for B
+episodes of T images, the memory K x L (K = ``slots``, L = ``code_size``):
+
+    M ~ MN(R0, U0, I_L)              learned R0, full U0 (``pyro_kpp.models.km.MemoryPrior``)
+    w_t ~ N(0, sigma_w0^2 I_K)       sigma_w0 = 1
+    z_t ~ N(w_t^T M, sigma_xi^2 I_L) sigma_xi = 1
+    x_t ~ p(x | z_t)                 the shared decoder
+
+Guide (``pyro_kpp.guides.dkm``): the codes c_t of the images are written into the memory one
+after the other, each by a rank-1 Bayes update (KM eq. 9-11 with T = 1) at the address
+w = (R R^T + (sigma_xi^2 / sigma_w0^2) I)^{-1} R c_t solved against the current memory mean R;
+q(M | X) = MN(R_T, U_T, I) is the final posterior, sampled at the episode-level site "memory";
+q(w_t | x_t, M) = N(w*_t, sigma_w^2 I) with w*_t solved against R_T; q(z_t | w_t, M) = p(z_t | w_t, M).
+
+Pyro's ELBO of this pair is DKM's bound on ln p(X):
+
+    sum_t E[ln p(x_t | z_t)] - sum_t KL(q(w_t) || p(w_t)) - KL(q(M | X) || p(M)),
+
+with the memory KL in closed form under ``TraceMeanField_ELBO`` (``kl_matrix_normal``, factor
+1/2, full U) and as ln p(M) - ln q(M) at the sampled M under ``Trace_ELBO``. The memory site
+is inside the "episodes" plate and outside "images", so the KL is counted once per episode;
+the per-image figure divides the episode's bound by T once (``pyro_kpp.bound``), never the KL
+by T and then again by averaging over T (a pitfall of a public port).
+
+Choices (also in the README):
+
+* w is written at its mean w* (not a sample of q(w)): q(M | X) is then a deterministic function
+  of X and exactly matrix-normal. ``dkm_write_iterations`` > 1 re-solves w against the tentative
+  posterior, each time updating again from the memory before this image (DKM.md).
+* U0 is the full learned row covariance of KM (DeepMind's module uses sigma0^2 I).
+* The diagonal of U is not clamped (DKM.md mentions [1e-6, 1e10]): the rank-1 update keeps U
+  symmetric positive definite in float32 (tests), and a clamped diagonal could not restore
+  definiteness anyway.
+* Efficiency: the write loops over the T images only; every step is batched over the B
+  episodes (one K x K Cholesky factorisation per step for the ridge solve, O(K^2) for the
+  update), and no matrix is ever inverted.
+
+API: the memory value is (R, U); the keys are the addresses w (B, N, K). ``generate`` reads
+p(z | w, R, U) with the memory integrated out, N(w^T R, (w^T U w + sigma_xi^2) I) (KM eq. 19).
+``attractor_read`` is DKM's iterative reading: each step solves the addresses of the current
+query against the *fixed* memory, reads, decodes and feeds a sample back.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_kpp.config import Config
+from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.generation import IterativeReading, iterative_read
+from pyro_kpp.guides.dkm import DkmGuide
+from pyro_kpp.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
+from pyro_kpp.models.km import MemoryPrior, raw_scale
+
+NOISE_VAR = 1.0                    # sigma_xi^2
+W_PRIOR_SCALE = 1.0                # sigma_w0
+RIDGE = NOISE_VAR / W_PRIOR_SCALE ** 2
+W_SCALE_INIT = 0.3                 # sigma_w at initialisation (DKM.md)
+
+
+class DynamicKanervaMachine(EpisodicModel):
+    """DKM: a latent matrix-normal memory addressed by least squares."""
+
+    memory_is_latent = True
+
+    def __init__(self, cfg: Config, name: str = "dkm"):
+        super().__init__(cfg, name)
+        self.prior = MemoryPrior(cfg.slots, cfg.code_size)
+        self.q = DkmGuide(cfg.embed_size, cfg.code_size, raw_scale(W_SCALE_INIT))
+        self._fixed_memory: Memory | None = None
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_memory(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, U) of q(M | X), (B, K, L) and (B, K, K): the codes (B, T, L) written one by one."""
+        B, T, L = codes.shape
+        K = self.cfg.slots
+        R = self.prior.loc.expand(B, K, L)
+        U = self.prior.row_covariance().expand(B, K, K)
+        for t in range(T):
+            c = codes[:, t]                                               # (B, L)
+            R_t, U_t = R, U
+            for _ in range(self.cfg.dkm_write_iterations):
+                w = ridge_weights(R_t, c.unsqueeze(-2), RIDGE).squeeze(-2)     # (B, K)
+                R_t, U_t = bayes_write_step(R, U, w, c, NOISE_VAR)
+            R, U = R_t, U_t
+        return R, U
+
+    def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes (B, T, L) and q(M | X)'s (R, U) for x, once per x inside ``reuse_embedding()``."""
+        def compute():
+            codes = self.q.codes(self.embed(x))
+            return (codes, *self.write_memory(codes))
+        return self.cached(x, "memory", compute)
+
+    # -- Pyro program and guide --------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        B, T = self.check_episode(x)
+        w_prior = dist.Normal(x.new_zeros(()), x.new_tensor(W_PRIOR_SCALE)).expand([self.cfg.slots]).to_event(1)
+        with pyro.plate("episodes", B, dim=-2):
+            M = pyro.sample("memory", self.prior.dist())                          # (..., B, 1, K, L)
+            with pyro.plate("images", T, dim=-1):
+                w = pyro.sample("w", w_prior)                                     # (..., B, T, K)
+                z_loc, z_scale = read_gaussian(M, w, NOISE_VAR)
+                z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))     # (..., B, T, L)
+                pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        codes, R, U = self.written(x)
+        self.q(codes, R, U, RIDGE, NOISE_VAR ** 0.5)
+
+    # -- memory API ----------------------------------------------------------------------------
+    def write(self, x: torch.Tensor) -> Memory:
+        """Memory (R, U) of q(M | X) written from x."""
+        return Memory(self, self.write_memory(self.q.codes(self.embed(x))))
+
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Posterior-mean addresses w* of q(w | x, M): (B, T, K).
+
+        Solved against ``memory`` when given (or inside ``attractor_read``, against the memory
+        being read); otherwise against the memory written from x itself, as in training.
+        """
+        memory = memory if memory is not None else self._fixed_memory
+        codes = self.q.codes(self.embed(x))
+        R = memory.value[0] if memory is not None else self.write_memory(codes)[0]
+        return ridge_weights(R, codes, RIDGE)
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Addresses from the prior N(0, sigma_w0^2 I): (B, n, K)."""
+        R = memory.value[0]
+        return W_PRIOR_SCALE * torch.randn(memory.episodes, n, self.cfg.slots, generator=generator,
+                                           device=R.device, dtype=R.dtype)
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, N, C', H, W) of codes read with addresses w (B, N, K)."""
+        check_keys(memory, keys, (self.cfg.slots,), "addresses w")
+        R, U = memory.value
+        z_loc, z_scale = read_gaussian(R.unsqueeze(-3), keys, NOISE_VAR, U.unsqueeze(-3))  # (B, N, L)
+        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
+                                          dtype=z_loc.dtype) if sample_z else z_loc
+        return self.decode(z)
+
+    @contextlib.contextmanager
+    def _addressing(self, memory: Memory):
+        """Inside: ``infer_keys`` solves addresses against ``memory``."""
+        previous, self._fixed_memory = self._fixed_memory, memory
+        try:
+            yield
+        finally:
+            self._fixed_memory = previous
+
+    def attractor_read(self, memory: Memory, x: torch.Tensor, steps: int, **kwargs) -> IterativeReading:
+        """DKM's attractor dynamics: ``steps`` iterations of encode -> solve w against the fixed
+        ``memory`` -> read -> decode -> sample, from the queries x (B, T, C, H, W).
+        ``kwargs`` as ``pyro_kpp.generation.iterative_read`` (feedback, sample_z, generator)."""
+        with self._addressing(memory):
+            return iterative_read(self, memory, x, steps, **kwargs)

@@ -1,0 +1,182 @@
+"""The Kanerva Machine as a Pyro program (Wu, Wayne, Graves & Lillicrap, ICLR 2018, §3).
+
+Generative program for B episodes of T images, x: (B, T, C, H, W); the memory M is K x L
+(K = ``slots`` rows, L = ``code_size``):
+
+    p(M) = MN(R0, U0, I_L)           learned R0 and full row covariance U0        (§3.1 eq. 4)
+    y_t ~ N(0, I_S)                  addressing variable, S = ``address_size``    (§3.1)
+    w_t = f(y_t)^T A                 A: K x S addresses, rows of unit L2 norm     (eq. 5)
+    z_t ~ N(w_t^T M, sigma^2 I_L)    memory-dependent prior, sigma = 1            (eq. 6)
+    x_t ~ p(x | z_t)                 the shared decoder
+
+Writing (§3.3, eq. 8-11): q(M | X) is the exact posterior p(M | Y, Z) of the linear Gaussian
+model for one sample Y ~ q(y|x), Z ~ q(z|x) of the episode, computed from the prior by the
+batch Bayesian update (``pyro_kpp.matrix_normal.bayes_write``; it equals T on-line updates,
+which the paper uses, and costs one T x T Cholesky factorisation instead of T steps).
+
+Reading and the bound (§3.2, §3.4 eq. 12): with the guide q(y_t | x_t) q(z_t | x_t, y_t, M)
+(``pyro_kpp.guides.km``), Pyro's ELBO of this program is eq. 12 for one draw of the written
+memory: sum_t E[ln p(x_t|z_t)] - KL(q(y_t|x_t) || p(y_t)) - KL(q(z_t|x_t,y_t,M) || p(z_t|y_t,M)).
+It bounds the conditional likelihood ln p(X | M): the memory is conditioned on, with no KL
+term of its own, so in the program it is a deterministic site (like K++'s memory), written
+from the episode in both the model and the guide. Both get the *same* write: inside
+``reuse_embedding()`` (every ELBO and bound evaluation of the package) it is computed once per
+episode batch and cached, which also makes all importance particles of an evaluation read one
+written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
+is the episode's bound divided by T, once, in ``pyro_kpp.bound``.
+
+Memory access, ``km_read_write`` (§3.4, Appendix F):
+
+* ``"mean"`` (default): write the sampled codes Z with noise Sigma_xi = sigma^2 I, read the
+  mean-field memory M = R: p(z_t | y_t, M) = N(w_t^T R, sigma^2 I).
+* ``"distribution"``: write the codes' means mu_Q with Sigma_z' = W U W^T + Sigma_xi + Sigma_Q
+  (eq. 20-21) and read p(z_t | y_t, R, U) = N(w_t^T R, (w_t^T U w_t + sigma^2) I) (eq. 19).
+  Sigma_Q must be T x T for the column covariance to stay I_L, while q(z_t|x_t) is diagonal
+  over code dimensions: we use each image's mean variance over the L dimensions (choice; exact
+  when q(z_t|x_t) is isotropic).
+
+Choices where the paper is silent (also in the README): y_t has the size S of the key b_t
+(the paper gives S = 50, not dim y_t); R0 starts as truncated N(0, 1) entries (as DeepMind's
+DKM memory module) and U0 as I; f and every guide head are 2-layer MLPs (Appendix C) with ELU.
+
+API: the memory value is (R, U), (B, K, L) and (B, K, K); the keys are the addressing
+variables y (B, N, S).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_kpp.config import Config
+from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.guides.km import KmGuide
+from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
+from pyro_kpp.nets import SCALE_FLOOR, DenseNet, positive_scale
+
+NOISE_VAR = 1.0  # sigma^2 of p(z | y, M), fixed to 1 (KM eq. 6)
+
+
+def raw_scale(value: float) -> float:
+    """The unconstrained parameter that ``positive_scale`` maps to ``value``."""
+    return math.log(math.expm1(value - SCALE_FLOOR))
+
+
+class MemoryPrior(PyroModule):
+    """p(M) = MN(R0, U0, I_L): learned mean R0 (K x L) and row covariance U0 = L0 L0^T (KM §3.1).
+
+    U0 is parametrised by its Cholesky factor L0: a free strictly-lower triangle and a diagonal
+    made positive by ``positive_scale``, so U0 is symmetric positive definite for any value of
+    the parameters (KM Fig. 10: a full U0 trains much faster than a diagonal one).
+    """
+
+    def __init__(self, slots: int, code_size: int):
+        super().__init__()
+        self.loc = nn.Parameter(nn.init.trunc_normal_(torch.empty(slots, code_size)))
+        self.tril_raw = nn.Parameter(torch.zeros(slots, slots))
+        self.diag_raw = nn.Parameter(torch.full((slots,), raw_scale(1.0)))
+
+    def scale_tril(self) -> torch.Tensor:
+        """L0: (K, K) lower triangular with a positive diagonal."""
+        return torch.tril(self.tril_raw, -1) + torch.diag_embed(positive_scale(self.diag_raw))
+
+    def row_covariance(self) -> torch.Tensor:
+        """U0 = L0 L0^T: (K, K)."""
+        L = self.scale_tril()
+        return L @ L.T
+
+    def dist(self) -> MatrixNormal:
+        return MatrixNormal(self.loc, self.scale_tril())
+
+
+class KanervaMachine(EpisodicModel):
+    """KM: a matrix-normal memory written by Bayes' rule, read through learned addresses."""
+
+    def __init__(self, cfg: Config, name: str = "km"):
+        super().__init__(cfg, name)
+        K, S = cfg.slots, cfg.address_size
+        self.prior = MemoryPrior(K, cfg.code_size)
+        self.addresses_raw = nn.Parameter(torch.randn(K, S))
+        self.key_net = DenseNet(S, S, cfg.hidden, layers=1)               # f, a 2-layer MLP (App. C)
+        self.q = KmGuide(cfg.embed_size, S, cfg.code_size, cfg.hidden)
+
+    # -- pieces named after the paper's equations ------------------------------------------
+    def addresses(self) -> torch.Tensor:
+        """A: (K, S) with rows of unit L2 norm (§3.1: "to avoid degeneracy")."""
+        return nn.functional.normalize(self.addresses_raw, dim=-1)
+
+    def weights(self, y: torch.Tensor) -> torch.Tensor:
+        """w_t = f(y_t)^T A: (..., S) -> (..., K)  (eq. 5)."""
+        return self.key_net(y) @ self.addresses().T
+
+    def write_memory(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, U) of q(M | X), (B, K, L) and (B, K, K), from the embeddings E (B, T, D)  (eq. 8-11)."""
+        y_loc, y_scale = self.q.address_posterior(E)
+        W = self.weights(dist.Normal(y_loc, y_scale).rsample())           # (B, T, K)
+        z_loc, z_scale = self.q.write_code_head(E)                        # (B, T, L)
+        if self.cfg.km_read_write == "mean":
+            Z, noise = dist.Normal(z_loc, z_scale).rsample(), NOISE_VAR
+        else:                                                              # Appendix F eq. 20-21
+            Z, noise = z_loc, NOISE_VAR + z_scale.pow(2).mean(-1)         # noise: (B, T)
+        return bayes_write(self.prior.loc, self.prior.row_covariance(), W, Z, noise)
+
+    def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory written from x, shared by guide and model inside ``reuse_embedding()``."""
+        return self.cached(x, "memory", lambda: self.write_memory(self.embed(x)))
+
+    def readout(self, R: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""
+        return read(R.unsqueeze(-3), self.weights(y))
+
+    def code_prior(self, R: torch.Tensor, U: torch.Tensor, y: torch.Tensor):
+        """p(z_t | y_t, M): loc, scale (..., B, T, L) for y (..., B, T, S)  (eq. 6 or App. F eq. 19)."""
+        U = U.unsqueeze(-3) if self.cfg.km_read_write == "distribution" else None
+        return read_gaussian(R.unsqueeze(-3), self.weights(y), NOISE_VAR, U)
+
+    # -- Pyro program and guide --------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        B, T = self.check_episode(x)
+        R, U = self.written(x)                                            # (B, K, L), (B, K, K)
+        y_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.address_size]).to_event(1)
+        with pyro.plate("episodes", B, dim=-2):
+            pyro.deterministic("memory", R.unsqueeze(1), event_dim=2)              # (B, 1, K, L)
+            pyro.deterministic("memory_row_cov", U.unsqueeze(1), event_dim=2)      # (B, 1, K, K)
+            with pyro.plate("images", T, dim=-1):
+                y = pyro.sample("y", y_prior)                                      # (..., B, T, S)
+                z_loc, z_scale = self.code_prior(R, U, y)
+                z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))      # (..., B, T, L)
+                pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        R, _ = self.written(x)
+        self.q(self.embed(x), functools.partial(self.readout, R))
+
+    # -- memory API ----------------------------------------------------------------------------
+    def write(self, x: torch.Tensor) -> Memory:
+        """Memory (R, U) written from x: one draw of q(M | X) (eq. 8)."""
+        return Memory(self, self.write_memory(self.embed(x)))
+
+    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean addresses of q(y | x): (B, T, S)."""
+        return self.q.address_posterior(self.embed(x))[0]
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Addresses from the prior N(0, I): (B, n, S)."""
+        R = memory.value[0]
+        return torch.randn(memory.episodes, n, self.cfg.address_size, generator=generator,
+                           device=R.device, dtype=R.dtype)
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, N, C', H, W) of codes read with addresses y (B, N, S)  (§3.1)."""
+        check_keys(memory, keys, (self.cfg.address_size,), "addresses y")
+        R, U = memory.value
+        z_loc, z_scale = self.code_prior(R, U, keys)                      # (B, N, L)
+        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
+                                          dtype=z_loc.dtype) if sample_z else z_loc
+        return self.decode(z)

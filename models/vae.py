@@ -1,0 +1,70 @@
+"""A VAE baseline on the episodic interface (KM §4.1: "a baseline VAE model using the exact
+same encoder and decoder"), so that comparisons with K++, KM and DKM isolate the memory.
+
+Generative program for B episodes of T images, x: (B, T, C, H, W):
+
+    z_t ~ N(0, I_L)            the isotropic prior (KM §2)
+    x_t ~ p(x | z_t)           the shared decoder
+
+with the guide q(z_t | x_t) of ``pyro_kpp.guides.vae``. Pyro's ELBO is eq. 1 of KM summed
+over the episode's images; the per-image figure is that sum divided by T in ``pyro_kpp.bound``.
+
+The images of an episode are independent, so the VAE's "memory" carries nothing. To serve
+the same ``write`` / ``sample`` API as the memory models (choices, also in the README):
+
+* ``write(x)`` returns a ``Memory`` whose value is an empty (B, 0) tensor: it records how many
+  episodes were written (and their device and dtype), nothing of their content;
+* the keys are the codes z themselves: ``prior_keys`` draws z ~ N(0, I), ``infer_keys`` is the
+  mean of q(z | x), and ``generate`` decodes the keys, so samples come from the prior whatever
+  was written; ``sample_z`` has nothing left to sample.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_kpp.config import Config
+from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.guides.vae import VaeGuide
+
+
+class VAE(EpisodicModel):
+    """The memoryless baseline: N(0, I) prior on each image's code."""
+
+    def __init__(self, cfg: Config, name: str = "vae"):
+        super().__init__(cfg, name)
+        self.q = VaeGuide(cfg.embed_size, cfg.code_size, cfg.hidden)
+
+    # -- Pyro program and guide --------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> None:
+        B, T = self.check_episode(x)
+        prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.code_size]).to_event(1)
+        with pyro.plate("episodes", B, dim=-2), pyro.plate("images", T, dim=-1):
+            z = pyro.sample("z", prior)                                        # (..., B, T, L)
+            pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        self.q(self.embed(x))
+
+    # -- memory API ----------------------------------------------------------------------------
+    def write(self, x: torch.Tensor) -> Memory:
+        """A memory that carries nothing but the number of episodes: (B, 0)."""
+        B, _ = self.check_episode(x)
+        return Memory(self, x.new_zeros(B, 0))
+
+    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of q(z | x): (B, T, L)."""
+        return self.q.code_head(self.embed(x))[0]
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Codes from the prior N(0, I): (B, n, L)."""
+        v = memory.value
+        return torch.randn(memory.episodes, n, self.cfg.code_size, generator=generator,
+                           device=v.device, dtype=v.dtype)
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, N, C', H, W) of the codes ``keys`` (B, N, L); the memory is unused."""
+        check_keys(memory, keys, (self.cfg.code_size,), "codes z")
+        return self.decode(keys)

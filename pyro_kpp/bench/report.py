@@ -1,0 +1,95 @@
+"""The benchmark's outputs: the printed table of ratios and the PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .sizes import MODEL_NAMES
+
+
+def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
+    """(section, measurement, value) rows: ratios first, absolute figures only where no ratio exists."""
+    rows = []
+    for preset, r in results.get("throughput", {}).items():
+        for m in MODEL_NAMES:
+            v = r["models"][m]
+            rows.append(("throughput", f"{preset} {m}: train / eval step time vs kpp, memory vs kpp",
+                         f"{r['train_time_vs_kpp'][m]:.2f}x / {r['eval_time_vs_kpp'][m]:.2f}x, "
+                         f"{r['memory_vs_kpp'][m]:.2f}x ({v['train_images_per_s']:.0f} train img/s, "
+                         f"{v['peak_memory_mb']:.0f} MB)"))
+    if "overhead" in results:
+        r = results["overhead"]["kpp"]
+        lo, hi = r["step_ratio_range"]
+        rows.append(("overhead", "K++ Trace_ELBO / hand-written: train step (range), forward",
+                     f"{r['step_ratio']:.3f}x ({lo:.2f}-{hi:.2f}), {r['forward_ratio']:.3f}x"))
+    for axis, r in results.get("scaling", {}).items():
+        label = {"memory_area": "memory_side", "slots": "slots", "episode_length": "T"}[axis]
+        by_model: dict[str, list[str]] = {}
+        for p in r["points"]:
+            by_model.setdefault(p["model"], []).append(f"{p[label]}:{p['ratio']:.2f}")
+        for m, pts in by_model.items():
+            rows.append(("scaling", f"{m} step time vs {label} (ratio to first)", " ".join(pts)))
+    if "flops" in results:
+        r = results["flops"]["kpp"]
+        rows.append(("flops", "K++ step achieved / matmul peak",
+                     f"{r['fraction_of_peak']:.1%} ({r['achieved_gflops']:.1f} / {r['matmul_peak_gflops']:.1f} "
+                     f"GFLOP/s, {r['threads']} threads)"))
+    for m, r in results.get("quality", {}).items():
+        rows.append(("quality", f"{m}: test bound after {r['train_seconds']:.0f} s ({r['steps']} steps)",
+                     f"{r['test_bound']:.2f} nats/image"))
+    for t in targets:
+        rows.append(("target", t.text, f"{t.value:.3f} {'MET' if t.met else 'NOT MET'}"))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(2)] if rows else [0, 0]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
+
+
+def write_plots(results: dict, out: Path) -> list[Path]:
+    """One PNG per measured section with something to plot; returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    if "throughput" in results:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        presets = list(results["throughput"])
+        width = 0.8 / len(presets)
+        for i, preset in enumerate(presets):
+            ratios = results["throughput"][preset]["train_time_vs_kpp"]
+            ax.bar([j + i * width for j in range(len(MODEL_NAMES))], [ratios[m] for m in MODEL_NAMES],
+                   width, label=preset)
+        ax.set_xticks([j + width * (len(presets) - 1) / 2 for j in range(len(MODEL_NAMES))], MODEL_NAMES)
+        ax.set_ylabel("train step time / K++'s")
+        ax.legend()
+        save(fig, "throughput.png")
+    axes = {"memory_area": ("memory_side", "memory side H = W"), "slots": ("slots", "slots"),
+            "episode_length": ("T", "episode length T")}
+    for axis, r in results.get("scaling", {}).items():
+        key, label = axes[axis]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in dict.fromkeys(p["model"] for p in r["points"]):
+            pts = [p for p in r["points"] if p["model"] == m]
+            ax.plot([p[key] for p in pts], [p["ratio"] for p in pts], "o-", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("step time / first point's")
+        ax.legend()
+        save(fig, f"scaling_{axis}.png")
+    if "quality" in results:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names = list(results["quality"])
+        ax.bar(names, [results["quality"][m]["test_bound"] for m in names])
+        ax.set_ylabel("test bound (nats/image), lower is better")
+        save(fig, "quality.png")
+    return written

@@ -1,0 +1,207 @@
+"""The benchmark's sections, each a list of jobs (one progress-bar tick each) and a summary.
+
+Every figure a section reports is a ratio of alternated timings (``measure.alternate``): a
+ratio of medians, or for the Pyro overhead the median of the per-round ratios (with their
+range, to show the noise). Absolute times and images/s are kept in the JSON for reference only.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pyro_kpp.svi import train
+
+from . import measure
+from .reference import kpp_reference_loss
+from .sizes import MODEL_NAMES, Bench, Sizes
+
+PRESET_NAMES = ("paper", "cpu")
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    data: object                      # pyro_kpp.data.ImageData (Omniglot)
+    device: torch.device
+    repeats: int
+    budget: float                     # seconds of training per model in the quality section
+    eval_episodes: int
+
+
+@dataclass
+class Job:
+    section: str
+    key: str
+    run: Callable[[Context], dict]
+
+
+def _timed_models(ctx: Context, benches: dict[str, Bench]) -> dict:
+    """Train-step time, eval-step time and peak memory of each bench, alternated across benches."""
+    train = measure.alternate({k: b.train_step for k, b in benches.items()}, ctx.repeats, ctx.device)
+    evals = measure.alternate({k: b.eval_step for k, b in benches.items()}, ctx.repeats, ctx.device)
+    out = {}
+    for k, b in benches.items():
+        out[k] = {"train_step_s": train[k]["median"], "eval_step_s": evals[k]["median"],
+                  "train_images_per_s": b.images / train[k]["median"],
+                  "eval_images_per_s": b.images / evals[k]["median"],
+                  "peak_memory_mb": measure.peak_memory(b.train_step, ctx.device) / 2 ** 20,
+                  "images_per_step": b.images}
+    return out
+
+
+def _ratios(results: dict, base, key: str = "train_step_s") -> dict:
+    return {k: v[key] / results[base][key] for k, v in results.items()}
+
+
+# -- throughput: every model at both presets ------------------------------------------------------
+def _throughput(preset: str):
+    def run(ctx: Context) -> dict:
+        benches = {m: Bench.build(ctx.sizes.config(m, preset), ctx.data, ctx.device) for m in MODEL_NAMES}
+        models = _timed_models(ctx, benches)
+        return {"models": models, "train_time_vs_kpp": _ratios(models, "kpp"),
+                "eval_time_vs_kpp": _ratios(models, "kpp", "eval_step_s"),
+                "memory_vs_kpp": _ratios(models, "kpp", "peak_memory_mb")}
+    return run
+
+
+# -- Pyro overhead: Trace_ELBO step against the hand-written loss ---------------------------------
+def _overhead(ctx: Context) -> dict:
+    b = Bench.build(ctx.sizes.config("kpp"), ctx.data, ctx.device)
+    ref = functools.partial(kpp_reference_loss, b.model, b.x)
+    steps = measure.alternate({"pyro": b.train_step, "reference": lambda: b.step_with(ref),
+                               "pyro_forward": lambda: b.pyro_loss().detach(),
+                               "reference_forward": lambda: ref().detach()}, ctx.repeats, ctx.device)
+
+    def paired(num: str, den: str) -> list[float]:
+        """Per-round ratios, sorted: both calls of a round ran under the same load."""
+        return sorted(x / y for x, y in zip(steps[num]["times"], steps[den]["times"]))
+
+    step, forward = paired("pyro", "reference"), paired("pyro_forward", "reference_forward")
+    return {"step_ratio": statistics.median(step), "forward_ratio": statistics.median(forward),
+            "step_ratio_range": [step[0], step[-1]], "forward_ratio_range": [forward[0], forward[-1]],
+            "seconds": {k: v["median"] for k, v in steps.items()}}
+
+
+# -- scaling --------------------------------------------------------------------------------------
+def _scaling(ctx: Context, configs: dict[str, object]) -> dict:
+    """Median train-step time of each config, and its ratio to the first config of its model."""
+    benches = {k: Bench.build(cfg, ctx.data, ctx.device) for k, cfg in configs.items()}
+    timed = measure.alternate({k: b.train_step for k, b in benches.items()}, ctx.repeats, ctx.device)
+    base: dict[str, tuple[float, int]] = {}                 # model -> (seconds, images) of its first config
+    points = []
+    for k, b in benches.items():
+        cfg, t = b.model.cfg, timed[k]["median"]
+        t0, n0 = base.setdefault(cfg.model, (t, b.images))
+        points.append({"model": cfg.model, "key": k, "seconds": t, "ratio": t / t0,
+                       "per_image_ratio": (t / b.images) / (t0 / n0), "memory_side": cfg.memory_shape[1],
+                       "slots": cfg.slots, "T": cfg.episode_length})
+    return {"points": points}
+
+
+def _scale_area(ctx: Context) -> dict:
+    window = ctx.sizes.config("kpp").window
+    return _scaling(ctx, {f"kpp-{s}": ctx.sizes.config("kpp", memory_shape=(3, s, s), window=window)
+                          for s in ctx.sizes.areas})
+
+
+def _scale_slots(ctx: Context) -> dict:
+    return _scaling(ctx, {f"{m}-{k}": ctx.sizes.config(m, slots=k) for m in ("km", "dkm") for k in ctx.sizes.slots})
+
+
+def _scale_length(ctx: Context) -> dict:
+    return _scaling(ctx, {f"{m}-{t}": ctx.sizes.config(m, episode_length=t)
+                          for m in MODEL_NAMES for t in ctx.sizes.lengths})
+
+
+# -- achieved FLOP/s against a measured matmul peak -----------------------------------------------
+def _flops(ctx: Context) -> dict:
+    b = Bench.build(ctx.sizes.config("kpp"), ctx.data, ctx.device)
+    step_flops = measure.count_flops(b.forward_backward)
+    mm, mm_flops = measure.matmul(ctx.sizes.matmul_size, ctx.device)
+    timed = measure.alternate({"step": b.train_step, "matmul": mm}, ctx.repeats, ctx.device)
+    achieved = step_flops / timed["step"]["median"]
+    peak = mm_flops / timed["matmul"]["median"]
+    return {"step_gflop": step_flops / 1e9, "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "matmul_size": ctx.sizes.matmul_size, "fraction_of_peak": achieved / peak,
+            "threads": torch.get_num_threads()}
+
+
+# -- quality: the bound after a fixed training-time budget ------------------------------------------
+def _quality(model: str):
+    def run(ctx: Context) -> dict:
+        cfg = ctx.sizes.config(model, max_minutes=ctx.budget / 60, eval_episodes=ctx.eval_episodes,
+                               device=str(ctx.device))
+        with tempfile.TemporaryDirectory() as run_dir:
+            history = train(cfg, run_dir, progress=False)
+        last = history[-1]
+        return {"test_bound": last["test_bound"], "steps": last["step"], "test_images": last["test_images"],
+                "train_seconds": last["train_seconds_total"], "kl_scale": last["kl_scale"]}
+    return run
+
+
+def jobs(sections: list[str]) -> list[Job]:
+    plan = {
+        "throughput": [Job("throughput", p, _throughput(p)) for p in PRESET_NAMES],
+        "overhead": [Job("overhead", "kpp", _overhead)],
+        "scaling": [Job("scaling", "memory_area", _scale_area), Job("scaling", "slots", _scale_slots),
+                    Job("scaling", "episode_length", _scale_length)],
+        "flops": [Job("flops", "kpp", _flops)],
+        "quality": [Job("quality", m, _quality(m)) for m in MODEL_NAMES],
+    }
+    return [job for s in sections for job in plan[s]]
+
+
+SECTIONS = ("throughput", "overhead", "scaling", "flops", "quality")
+
+
+@dataclass
+class Target:
+    name: str
+    text: str
+    value: float
+    met: bool
+    profile: dict = field(default_factory=dict)
+
+
+def targets(results: dict) -> list[Target]:
+    """The issue's speed targets, judged on what was measured (never asserted in tests)."""
+    out = []
+    if "throughput" in results:
+        r = results["throughput"]["paper"]["train_time_vs_kpp"]["dkm"]
+        out.append(Target("kpp_vs_dkm", "K++ training step >= 3x faster than DKM (paper sizes)", r, r >= 3))
+    if "overhead" in results:
+        r = results["overhead"]["kpp"]["step_ratio"]
+        out.append(Target("pyro_overhead", "Trace_ELBO step <= 1.05x the hand-written loss", r, r <= 1.05))
+    if "scaling" in results:
+        r = results["scaling"]["memory_area"]["points"][-1]["ratio"]
+        out.append(Target("memory_area", "K++ step <= 1.3x from the smallest to the largest memory", r, r <= 1.3))
+    if "flops" in results:
+        r = results["flops"]["kpp"]["fraction_of_peak"]
+        out.append(Target("matmul_peak", "K++ step >= 35% of the measured matmul peak", r, r >= 0.35))
+    return out
+
+
+def profiled_steps(target: str, ctx: Context) -> dict[str, Callable[[], None]]:
+    """The training steps behind a missed target, warmed up, to run under torch.profiler:
+    K++'s step, and beside it the step it is compared with (DKM's, the hand-written loss's)."""
+    if target == "memory_area":
+        side = ctx.sizes.areas[-1]
+        cfgs = {"kpp": ctx.sizes.config("kpp", memory_shape=(3, side, side))}
+    elif target == "kpp_vs_dkm":
+        cfgs = {m: ctx.sizes.config(m, "paper") for m in ("kpp", "dkm")}
+    else:
+        cfgs = {"kpp": ctx.sizes.config("kpp")}
+    steps = {}
+    for name, cfg in cfgs.items():
+        b = Bench.build(cfg, ctx.data, ctx.device)
+        steps[name] = b.train_step
+        if target == "pyro_overhead":
+            steps["reference"] = functools.partial(b.step_with, functools.partial(kpp_reference_loss, b.model, b.x))
+    for step in steps.values():
+        step()                                               # warm-up outside the profile
+    return steps

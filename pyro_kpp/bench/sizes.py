@@ -1,0 +1,119 @@
+"""What is benchmarked: model configurations at the two size presets, batches, steps.
+
+Presets (choice; every model shares the encoder and decoder classes of ``pyro_kpp.nets``):
+
+* ``paper``: K++ Appendix E's sizes where this package's networks have them: a 3 x 64 x 64
+  memory, K = 2 reads, a writer with 256 base channels and dense heads of 512 units; KM and
+  DKM with their default slots (64 and 32);
+* ``cpu``: the package's ``Config`` defaults (the same memory and reads, a 64-channel writer,
+  256-unit heads), i.e. what ``python -m pyro_kpp.svi`` trains.
+
+Both use T = 32 images per episode and B = 8 episodes per step (``Config`` defaults).
+``--quick`` replaces both by tiny sizes that only exercise the code paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import torch
+
+from pyro_kpp.bound import log_weights, make_elbo, training_loss
+from pyro_kpp.config import Config
+from pyro_kpp.data import Episodes, ImageData
+from pyro_kpp.episodic import EpisodicModel
+from pyro_kpp.registry import MODELS, build_model
+
+MODEL_NAMES = tuple(MODELS)                         # kpp, km, dkm, vae
+PRESETS = {
+    "paper": dict(writer_channels=256, hidden=512),
+    "cpu": {},
+}
+TINY = dict(memory_shape=(3, 16, 16), window=8, writer_channels=16, code_size=8, embed_size=32, hidden=32,
+            episode_length=4, batch_size=2)
+TINY_PRESETS = {"paper": dict(writer_channels=32, hidden=64), "cpu": {}}
+
+
+@dataclass
+class Sizes:
+    """The sizes a run benchmarks: full (the defaults) or ``--quick`` (tiny)."""
+
+    quick: bool
+
+    def config(self, model: str, preset: str = "cpu", **overrides) -> Config:
+        base = {**TINY, **TINY_PRESETS[preset]} if self.quick else dict(PRESETS[preset])
+        return Config(model=model, data="omniglot", **{**base, **overrides})
+
+    @property
+    def areas(self) -> list[int]:
+        """K++ memory side H = W, at the preset's fixed window."""
+        return [16, 32] if self.quick else [16, 32, 64, 128]
+
+    @property
+    def slots(self) -> list[int]:
+        return [16, 32] if self.quick else [16, 32, 64, 128, 256, 512]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [4, 8] if self.quick else [8, 16, 32, 64, 128]
+
+    @property
+    def matmul_size(self) -> int:
+        return 256 if self.quick else 2048
+
+
+def batch(data: ImageData, cfg: Config, device: torch.device) -> torch.Tensor:
+    """One real, binarized training batch (B, T, 1, 28, 28) for ``cfg``."""
+    episodes = Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, device=device)
+    return next(iter(episodes.train_epoch(0)))
+
+
+def fresh_model(cfg: Config, data: ImageData, device: torch.device) -> EpisodicModel:
+    cfg.image_shape = tuple(data.image_shape)
+    pyro.set_rng_seed(cfg.seed)
+    return build_model(cfg).to(device).train()
+
+
+@dataclass
+class Bench:
+    """A model with its batch, optimizer and the closures the sections time."""
+
+    model: EpisodicModel
+    x: torch.Tensor
+
+    @classmethod
+    def build(cls, cfg: Config, data: ImageData, device: torch.device) -> "Bench":
+        return cls(fresh_model(cfg, data, device), batch(data, cfg, device))
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
+        self.elbo = make_elbo(self.model.cfg.elbo)
+
+    @property
+    def images(self) -> int:
+        return self.x.shape[0] * self.x.shape[1]
+
+    def pyro_loss(self) -> torch.Tensor:
+        return training_loss(self.model, self.x, self.elbo)
+
+    def step_with(self, loss_fn) -> None:
+        """One training step as ``pyro_kpp.svi`` takes it: loss, backward, Adam update."""
+        loss = loss_fn()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def train_step(self) -> None:
+        self.step_with(self.pyro_loss)
+
+    def forward_backward(self) -> None:
+        """The loss and its gradient only (what FlopCounterMode counts)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pyro_loss().backward()
+
+    @torch.no_grad()
+    def eval_step(self) -> None:
+        """One evaluation batch: the ELBO's log weights, as ``pyro_kpp.bound.evaluate`` computes them."""
+        self.model.eval()
+        log_weights(self.model, self.x, samples=1)
+        self.model.train()

@@ -1,8 +1,8 @@
 """The Dynamic Kanerva Machine's guide: q(M | X) prod_t q(w_t | x_t, M) q(z_t | w_t, M) (DKM).
 
 * Codes: e_t -> c_t = Linear(e_t), the deterministic code of image t (DKM encodes each image
-  to one code; here a linear map of the shared encoder's embedding). The codes are written
-  into the memory and used to address it.
+  to one code; here a linear map of the shared encoder's embedding, spectrally normalised in the
+  "paper" preset as K++'s dense nets). The codes are written into the memory and used to address it.
 * Memory: q(M | X) = MN(R, U, I_L), the posterior of the sequential rank-1 write of the codes
   (``pyro_kpp.models.dkm``), sampled at the episode-level site "memory" (reparametrised,
   M = R + chol(U) E), so the bound carries KL(q(M|X) || p(M)) once per episode.
@@ -28,9 +28,10 @@ from pyro_kpp.nets import positive_scale
 class DkmGuide(PyroModule):
     """The guide's code map, its address scale and its sampling statements."""
 
-    def __init__(self, embed_size: int, code_size: int, w_scale_raw: float):
+    def __init__(self, embed_size: int, code_size: int, w_scale_raw: float, spectral_norm: bool = False):
         super().__init__()
-        self.code_net = nn.Linear(embed_size, code_size)
+        linear = nn.Linear(embed_size, code_size)
+        self.code_net = nn.utils.parametrizations.spectral_norm(linear) if spectral_norm else linear
         self.w_scale_raw = nn.Parameter(torch.tensor(w_scale_raw))
 
     def codes(self, E: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@
   the memory (``pyro_kpp.models.km``), not sampled at a site: the written memory is what the
   conditional bound (eq. 12) conditions on.
 
-Every "MLP" of KM Fig. 9 is a 2-layer perceptron (Appendix C): one hidden layer (``layers=1``).
+Every "MLP" of KM Fig. 9 is a 2-layer perceptron (Appendix C): one hidden layer (``layers=1``);
+with ``spectral_norm`` (the "paper" preset) every linear layer is spectrally normalised, as K++'s heads.
 """
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ ADDRESS_INPUT_NOISE = 0.2  # Appendix C: std of the Gaussian noise on the input 
 class KmGuide(PyroModule):
     """The guide's networks and its sampling statements."""
 
-    def __init__(self, embed_size: int, address_size: int, code_size: int, hidden: int):
+    def __init__(self, embed_size: int, address_size: int, code_size: int, hidden: int,
+                 spectral_norm: bool = False):
         super().__init__()
-        self.address_head = GaussianHead(embed_size, address_size, hidden, layers=1)
-        self.write_code_head = GaussianHead(embed_size, code_size, hidden, layers=1)
-        self.code_head = GaussianHead(embed_size + code_size, code_size, hidden, layers=1)
+        self.address_head = GaussianHead(embed_size, address_size, hidden, 1, spectral_norm)
+        self.write_code_head = GaussianHead(embed_size, code_size, hidden, 1, spectral_norm)
+        self.code_head = GaussianHead(embed_size + code_size, code_size, hidden, 1, spectral_norm)
 
     def address_posterior(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """loc, scale of q(y_t | x_t): (B, T, S) from E (B, T, D), with input noise in training."""

@@ -16,9 +16,9 @@ from pyro_kpp.nets import GaussianHead
 class VaeGuide(PyroModule):
     """The guide's network and its sampling statement; called with E (B, T, D)."""
 
-    def __init__(self, embed_size: int, code_size: int, hidden: int):
+    def __init__(self, embed_size: int, code_size: int, hidden: int, spectral_norm: bool = False):
         super().__init__()
-        self.code_head = GaussianHead(embed_size, code_size, hidden)
+        self.code_head = GaussianHead(embed_size, code_size, hidden, spectral_norm=spectral_norm)
 
     def forward(self, E: torch.Tensor) -> None:
         B, T = E.shape[:2]

@@ -35,8 +35,9 @@ Choices (also in the README):
   symmetric positive definite in float32 (tests), and a clamped diagonal could not restore
   definiteness anyway.
 * Efficiency: the write loops over the T images only; every step is batched over the B
-  episodes (one K x K Cholesky factorisation per step for the ridge solve, O(K^2) for the
-  update), and no matrix is ever inverted.
+  episodes: one Cholesky factorisation of a min(K, L)-sized system for the ridge solve
+  (``ridge_weights``) and two fused rank-1 products for the update, O(K^2); no matrix is ever
+  inverted.
 
 API: the memory value is (R, U); the keys are the addresses w (B, N, K). ``generate`` reads
 p(z | w, R, U) with the memory integrated out, N(w^T R, (w^T U w + sigma_xi^2) I) (KM eq. 19).
@@ -57,6 +58,7 @@ from pyro_kpp.generation import IterativeReading, iterative_read
 from pyro_kpp.guides.dkm import DkmGuide
 from pyro_kpp.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
 from pyro_kpp.models.km import MemoryPrior, raw_scale
+from pyro_kpp.nets import dense_spectral_norm
 
 NOISE_VAR = 1.0                    # sigma_xi^2
 W_PRIOR_SCALE = 1.0                # sigma_w0
@@ -72,7 +74,7 @@ class DynamicKanervaMachine(EpisodicModel):
     def __init__(self, cfg: Config, name: str = "dkm"):
         super().__init__(cfg, name)
         self.prior = MemoryPrior(cfg.slots, cfg.code_size)
-        self.q = DkmGuide(cfg.embed_size, cfg.code_size, raw_scale(W_SCALE_INIT))
+        self.q = DkmGuide(cfg.embed_size, cfg.code_size, raw_scale(W_SCALE_INIT), dense_spectral_norm(cfg))
         self._fixed_memory: Memory | None = None
 
     # -- writing -------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from pyro_kpp.config import Config
 from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
-from pyro_kpp.nets import SCALE_FLOOR, DenseNet, positive_scale
+from pyro_kpp.nets import SCALE_FLOOR, DenseNet, dense_spectral_norm, positive_scale
 
 NOISE_VAR = 1.0  # sigma^2 of p(z | y, M), fixed to 1 (KM eq. 6)
 
@@ -102,8 +102,9 @@ class KanervaMachine(EpisodicModel):
         K, S = cfg.slots, cfg.address_size
         self.prior = MemoryPrior(K, cfg.code_size)
         self.addresses_raw = nn.Parameter(torch.randn(K, S))
-        self.key_net = DenseNet(S, S, cfg.hidden, layers=1)               # f, a 2-layer MLP (App. C)
-        self.q = KmGuide(cfg.embed_size, S, cfg.code_size, cfg.hidden)
+        sn = dense_spectral_norm(cfg)                                      # "paper" preset, as K++
+        self.key_net = DenseNet(S, S, cfg.hidden, 1, sn)                   # f, a 2-layer MLP (App. C)
+        self.q = KmGuide(cfg.embed_size, S, cfg.code_size, cfg.hidden, sn)
 
     # -- pieces named after the paper's equations ------------------------------------------
     def addresses(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from pyro_kpp.config import Config
 from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
 from pyro_kpp.guides.vae import VaeGuide
+from pyro_kpp.nets import dense_spectral_norm
 
 
 class VAE(EpisodicModel):
@@ -34,7 +35,7 @@ class VAE(EpisodicModel):
 
     def __init__(self, cfg: Config, name: str = "vae"):
         super().__init__(cfg, name)
-        self.q = VaeGuide(cfg.embed_size, cfg.code_size, cfg.hidden)
+        self.q = VaeGuide(cfg.embed_size, cfg.code_size, cfg.hidden, dense_spectral_norm(cfg))
 
     # -- Pyro program and guide --------------------------------------------------------------
     def model(self, x: torch.Tensor) -> None:

@@ -120,13 +120,18 @@ class World:
     def checkpoint_rng(self, model: torch.nn.Module) -> dict:
         """For the checkpoint: this process's RNG state, or with several ranks every rank's.
 
-        On the way it checks that every rank holds the same weights and buffers (updated with
+        On the way it checks that every rank holds the same weights and buffers (weights updated with
         the same averaged gradients, they agree bit for bit): rank 0's checkpoint then stands
         for all of them, and a silent divergence becomes an error.
         """
         state = rng_state()
         if self.size == 1:
             return state
+        # Running statistics (batch norm in the paper preset's encoder) follow each rank's own
+        # slice of the batch; like DDP's broadcast_buffers, rank 0's stand for all ranks.
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         sums = [float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point()]
         gathered = [None] * self.size
         dist.all_gather_object(gathered, (state, sums))

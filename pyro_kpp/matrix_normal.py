@@ -93,29 +93,41 @@ def bayes_write_step(R: torch.Tensor, U: torch.Tensor, w: torch.Tensor, z: torch
     """``bayes_write`` for a single image (T = 1): a rank-1 update, Sigma_z is a scalar.
 
     R (..., K, C), U (..., K, K), w (..., K), z (..., C); ``noise_var`` a number or (...).
-    Writing T images one after the other equals one batch write (KM §3.3).
+    Writing T images one after the other equals one batch write (KM §3.3). With
+    h = U w / sqrt(Sigma_z) and d = (z - w^T R) / sqrt(Sigma_z): R' = R + h d^T, U' = U - h h^T,
+    each one fused batched product (``baddbmm``); U' is exactly symmetric (h_i h_j = h_j h_i).
     """
-    g = (U @ w.unsqueeze(-1)).squeeze(-1)                             # Sigma_c^T: (..., K)
-    s = (w * g).sum(-1) + noise_var                                   # Sigma_z: (...)
-    delta = z - read(R, w)                                            # (..., C)
-    s = s.unsqueeze(-1).unsqueeze(-1)
-    R_new = R + g.unsqueeze(-1) * delta.unsqueeze(-2) / s
-    U_new = U - g.unsqueeze(-1) * g.unsqueeze(-2) / s                 # (g_i g_j) / s: exactly symmetric
-    return R_new, U_new
+    K, C = R.shape[-2:]
+    lead = torch.broadcast_shapes(R.shape[:-2], U.shape[:-2], w.shape[:-1], z.shape[:-1])
+    R, U = R.expand(*lead, K, C).reshape(-1, K, C), U.expand(*lead, K, K).reshape(-1, K, K)
+    w, z = w.expand(*lead, K).reshape(-1, K), z.expand(*lead, C).reshape(-1, C)
+    noise = torch.as_tensor(noise_var, dtype=R.dtype, device=R.device).expand(lead).reshape(-1, 1)
+    g = torch.bmm(U, w.unsqueeze(-1)).squeeze(-1)                     # Sigma_c^T = U w: (N, K)
+    root_s = ((w * g).sum(-1, keepdim=True) + noise).sqrt()           # sqrt(Sigma_z): (N, 1)
+    h = g / root_s
+    d = (z - read(R, w)) / root_s                                     # (N, C)
+    R_new = torch.baddbmm(R, h.unsqueeze(-1), d.unsqueeze(-2))
+    U_new = torch.baddbmm(U, -h.unsqueeze(-1), h.unsqueeze(-2))
+    return R_new.reshape(*lead, K, C), U_new.reshape(*lead, K, K)
 
 
 def ridge_weights(M: torch.Tensor, z: torch.Tensor, ridge: float | torch.Tensor) -> torch.Tensor:
     """DKM addresses: w* = argmin_w ||z - w^T M||^2 + ridge ||w||^2 = (M M^T + ridge I)^{-1} M z.
 
     M (..., K, C), z (..., N, C) -> w* (..., N, K); ``ridge`` = sigma_xi^2 / sigma_w0^2 > 0
-    keeps the K x K system positive definite even when slots are collinear or K > C. The
-    system is factorised once (Cholesky) and solved for all N codes.
+    keeps the system positive definite even when slots are collinear or K > C. The system is
+    factorised once (Cholesky) and solved for all N codes. When C < K the push-through identity
+    (M M^T + ridge I_K)^{-1} M = M (M^T M + ridge I_C)^{-1} gives the same w* from a C x C system,
+    so the cost grows like K C^2 rather than K^3 for large memories.
     """
-    K = M.shape[-2]
-    eye = torch.eye(K, dtype=M.dtype, device=M.device)
-    A = M @ M.transpose(-1, -2) + ridge * eye                         # (..., K, K)
-    rhs = M @ z.transpose(-1, -2)                                     # (..., K, N)
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(A)).transpose(-1, -2)
+    K, C = M.shape[-2:]
+    Mt = M.transpose(-1, -2)
+    zt = z.transpose(-1, -2)                                          # (..., C, N)
+    if K <= C:
+        A = M @ Mt + ridge * torch.eye(K, dtype=M.dtype, device=M.device)          # (..., K, K)
+        return torch.cholesky_solve(M @ zt, torch.linalg.cholesky(A)).transpose(-1, -2)
+    A = Mt @ M + ridge * torch.eye(C, dtype=M.dtype, device=M.device)              # (..., C, C)
+    return (M @ torch.cholesky_solve(zt, torch.linalg.cholesky(A))).transpose(-1, -2)
 
 
 def _half_logdet(scale_tril: torch.Tensor) -> torch.Tensor:

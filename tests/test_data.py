@@ -59,6 +59,7 @@ def real_root() -> Path:
 
 @pytest.fixture(scope="module")
 def omniglot(real_root) -> D.ImageData:
+    D.clear_memory_cache()      # other modules may have loaded it under another cache folder
     return D.load_dataset("omniglot")
 
 

@@ -99,9 +99,10 @@ def test_online_writes_keep_U_spd_in_float32():
     assert ((R32.double() - R64).abs().max() / R64.abs().max()).item() < 1e-4
 
 
-def test_ridge_weights_equal_lstsq_on_augmented_system():
+@pytest.mark.parametrize("K, C", [(7, 4), (4, 7)])                  # K > C: M M^T alone is singular
+def test_ridge_weights_equal_lstsq_on_augmented_system(K, C):
     gen = torch.Generator().manual_seed(3)
-    B, K, C, N = 2, 7, 4, 5                                           # K > C: M M^T alone is singular
+    B, N = 2, 5
     M = torch.randn(B, K, C, generator=gen, dtype=D64)
     z = torch.randn(B, N, C, generator=gen, dtype=D64)
     ridge = 0.7

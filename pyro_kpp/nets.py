@@ -55,16 +55,21 @@ class ConvEncoder(nn.Module):
         return self.out(self.convs(x))
 
 
+def decoder_start(image_shape: tuple[int, int, int], channels: int) -> tuple[int, int, int]:
+    """(2c, H/4, W/4): the feature map a decoder grows to H x W with two stride-2 layers."""
+    _, h, w = image_shape
+    if h % 4 or w % 4:
+        raise ValueError(f"image_shape: height and width must be multiples of 4, got {image_shape}")
+    return (2 * channels, h // 4, w // 4)
+
+
 class ConvDecoder(nn.Module):
     """The decoder's network for p(x | z): (N, L) -> (N, out_channels, H, W) likelihood parameters."""
 
     def __init__(self, code_size: int, image_shape: tuple[int, int, int], out_channels: int,
                  channels: int = 32):
         super().__init__()
-        _, h, w = image_shape
-        if h % 4 or w % 4:
-            raise ValueError(f"image_shape: height and width must be multiples of 4, got {image_shape}")
-        self.start = (2 * channels, h // 4, w // 4)
+        self.start = decoder_start(image_shape, channels)
         self.fc = nn.Sequential(nn.Linear(code_size, math.prod(self.start)), nn.ELU())
         self.deconvs = nn.Sequential(
             nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1), nn.ELU(),   # H/2

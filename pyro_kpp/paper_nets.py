@@ -34,6 +34,8 @@ import torch
 import torchvision
 from torch import nn
 
+from .nets import decoder_start
+
 EVONORM_EPS = 1e-5
 
 
@@ -146,10 +148,7 @@ class EvoNormDecoder(nn.Module):
     def __init__(self, code_size: int, image_shape: tuple[int, int, int], out_channels: int,
                  channels: int = 64):
         super().__init__()
-        _, h, w = image_shape
-        if h % 4 or w % 4:
-            raise ValueError(f"image_shape: height and width must be multiples of 4, got {image_shape}")
-        self.start = (2 * channels, h // 4, w // 4)
+        self.start = decoder_start(image_shape, channels)
         self.fc = nn.Linear(code_size, math.prod(self.start))
         self.deconvs = nn.Sequential(
             EvoNormS0(2 * channels), nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1),   # H/2

@@ -84,7 +84,7 @@ def test_write_is_exact_conditioning_on_the_sampled_codes(mode):
         Z, noise = z_loc + z_scale * torch.randn_like(z_loc), torch.ones(2, 3, dtype=torch.float64)
     else:
         Z, noise = z_loc, 1.0 + z_scale.pow(2).mean(-1)
-    K, L = model.cfg.slots, model.cfg.code_size
+    L = model.cfg.code_size
     R0, U0 = model.prior.loc, model.prior.row_covariance()
     I_L = torch.eye(L, dtype=torch.float64)
     for b in range(2):

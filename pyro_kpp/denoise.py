@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         summary, rows, labels = evaluate_denoising(model, test_batches(episodes, args.episodes), args.noise, level,
                                                    args.steps, args.write_from, args.feedback, gen, args.show)
         if args.out is not None:
-            rows_figure(rows, labels).savefig(args.out, dpi=100)
+            rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     header = {"noise": args.noise, noise.level_name: level, "write_from": args.write_from,

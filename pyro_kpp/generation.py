@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             x = next(iter(data_lib.Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
         gen = torch.Generator().manual_seed(args.seed)
         rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
-        rows_figure(rows, labels).savefig(args.out, dpi=100)
+        rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {Path(args.out)}")

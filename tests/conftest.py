@@ -26,6 +26,22 @@ def omniglot():
     return load_dataset("omniglot")
 
 
+@pytest.fixture(scope="module")
+def model():
+    """An untrained K++ with the tiny sizes, in eval mode."""
+    from helpers import tiny_config
+    from pyro_kpp.registry import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def episode():
+    """Two binary episodes of four 28x28 images."""
+    return torch.bernoulli(torch.full((2, 4, 1, 28, 28), 0.2), generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A K++ run directory (checkpoint.pt, metrics, images) trained for 3 steps on Omniglot

@@ -20,17 +20,6 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model(tiny_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def episode():
-    return torch.bernoulli(torch.full((2, 4, 1, 28, 28), 0.2), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
 def draws(model, episode):
     return I.posterior_draws(model, episode, samples=8, seed=3)
 

@@ -15,17 +15,6 @@ from pyro_kpp.registry import MODELS, build_model
 from helpers import tiny_config
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model(tiny_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def episode():
-    return torch.bernoulli(torch.full((2, 4, 1, 28, 28), 0.2), generator=torch.Generator().manual_seed(1))
-
-
 def test_iterative_read_returns_every_step_and_leaves_the_memory_alone(model, episode):
     memory = model.write(episode)
     before = memory.value.clone()

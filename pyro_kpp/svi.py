@@ -1,9 +1,11 @@
 """Training CLI: ``python -m pyro_kpp.svi --data omniglot [--model kpp] ...``.
 
 One explicit loop (nanoGPT style). The loss is Pyro's ``Trace_ELBO`` (or
-``TraceMeanField_ELBO``) used as a differentiable loss with a plain ``torch.optim.Adam``
-over the model's parameters: one fused/foreach optimizer for the whole model and global
+``TraceMeanField_ELBO``) used as a differentiable loss with a plain torch optimizer over the
+model's parameters (``pyro_kpp.optim.build_optimizer``: a foreach Adam, or LARS(Adam) with a
+one-cycle schedule for ``--preset paper``): one optimizer for the whole model and global
 gradient-norm clipping, which Pyro's per-tensor ``PyroOptim``/``ClippedAdam`` do not give.
+A KL warm-up (``--kl-warmup``) weights the KL terms of the training loss only.
 
 Each epoch: train on every training image once (random episodes; binarized data get a fresh
 binarization, 8-bit data for ``--likelihood dmol`` are used as they are), evaluate the negative

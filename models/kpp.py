@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory
+from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
 from pyro_kpp.guides.kpp import KppGuide
 from pyro_kpp.nets import ConvGaussianHead, MemoryWriter, dense_spectral_norm, over_leading
 from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
@@ -82,20 +82,10 @@ class KanervaPlusPlus(EpisodicModel):
         return torch.randn(B, n, self.cfg.reads, KEY_DIM, generator=generator,
                            device=m.device, dtype=m.dtype)
 
-    def check_keys(self, memory: Memory, keys: torch.Tensor) -> None:
-        B, K = memory.episodes, self.cfg.reads
-        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != B \
-                or tuple(keys.shape[2:]) != (K, KEY_DIM):
-            got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-            raise ValueError(f"keys: expected shape ({B}, N, {K}, {KEY_DIM}) for this memory of "
-                             f"{B} episodes and K={K} reads, got {got}")
-        if not bool(torch.isfinite(keys).all()):
-            raise ValueError("keys: contains NaN or Inf values")
-
     def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Likelihood parameters (B, N, C', H, W) of images read with keys (B, N, K, 3)  (§3.4)."""
-        self.check_keys(memory, keys)
+        check_keys(memory, keys, (self.cfg.reads, KEY_DIM))
         z_loc, z_scale = self.code_prior(memory.value, keys)     # (B, N, L)
         z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
                                           dtype=z_loc.dtype) if sample_z else z_loc

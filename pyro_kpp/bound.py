@@ -88,22 +88,28 @@ def _site_log_probs(trace, T: int) -> torch.Tensor:
     return total
 
 
+def particle_traces(model: EpisodicModel, x: torch.Tensor, samples: int):
+    """Guide and replayed model traces of ``samples`` vectorised particles, log-densities computed.
+
+    Returns (model_trace, guide_trace, log_weights) with log_weights (S, B, T). Call it inside
+    ``model.reuse_embedding()`` so the particles share one encoder pass.
+    """
+    B, T = x.shape[:2]
+    with pyro.plate("particles", samples, dim=PARTICLE_DIM):
+        guide_tr = poutine.trace(model.guide).get_trace(x)
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
+    model_tr.compute_log_prob()
+    guide_tr.compute_log_prob()
+    lw = _site_log_probs(model_tr, T) - _site_log_probs(guide_tr, T)
+    return model_tr, guide_tr, lw.expand(samples, B, T)
+
+
 @torch.no_grad()
 def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: int = 16) -> torch.Tensor:
     """ln p(x_t, y, z | M) - ln q(y, z | X) for ``samples`` draws per image: (S, B, T)."""
-    B, T = x.shape[:2]
-    out = []
     with model.reuse_embedding():
-        for start in range(0, samples, chunk):
-            s = min(chunk, samples - start)
-            with pyro.plate("particles", s, dim=PARTICLE_DIM):
-                guide_tr = poutine.trace(model.guide).get_trace(x)
-                model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
-            model_tr.compute_log_prob()
-            guide_tr.compute_log_prob()
-            lw = _site_log_probs(model_tr, T) - _site_log_probs(guide_tr, T)
-            out.append(lw.expand(s, B, T))
-    return torch.cat(out)
+        return torch.cat([particle_traces(model, x, min(chunk, samples - start))[2]
+                          for start in range(0, samples, chunk)])
 
 
 def image_bounds(model: EpisodicModel, x: torch.Tensor, samples: int = 1) -> dict[str, torch.Tensor]:

@@ -42,14 +42,18 @@ class Memory:
         return (v[0] if isinstance(v, tuple) else v).shape[0]
 
 
-def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], what: str = "keys") -> None:
-    """Keys for reading ``memory`` must be (B, N, *key_shape), finite, with the memory's B."""
+def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], what: str = "") -> None:
+    """Keys for reading ``memory`` must be (B, N, *key_shape), finite, with the memory's B.
+
+    ``what`` names the keys in the message (e.g. "addresses y"); empty for plain keys.
+    """
     B = memory.episodes
     expected = ", ".join(map(str, (B, "N", *key_shape)))
     if not isinstance(keys, torch.Tensor) or keys.dim() != 2 + len(key_shape) or keys.shape[0] != B \
             or tuple(keys.shape[2:]) != tuple(key_shape):
         got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-        raise ValueError(f"keys: expected {what} of shape ({expected}) for this memory of {B} episodes, got {got}")
+        named = f"{what} of " if what else ""
+        raise ValueError(f"keys: expected {named}shape ({expected}) for this memory of {B} episodes, got {got}")
     if not bool(torch.isfinite(keys).all()):
         raise ValueError("keys: contains NaN or Inf values")
 

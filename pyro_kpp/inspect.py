@@ -25,13 +25,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.poutine.util import site_is_subsample
 
-from .bound import PARTICLE_DIM, _site_log_probs
+from .bound import particle_traces
 from .episodic import EpisodicModel
 from .spatial import key_to_theta
 
@@ -67,12 +65,8 @@ def posterior_draws(model: EpisodicModel, x: torch.Tensor, samples: int = 100,
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        with model.reuse_embedding(), pyro.plate("particles", S, dim=PARTICLE_DIM):
-            guide_tr = poutine.trace(model.guide).get_trace(x)
-            model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
-    model_tr.compute_log_prob()
-    guide_tr.compute_log_prob()
-    log_w = (_site_log_probs(model_tr, T) - _site_log_probs(guide_tr, T)).expand(S, B, T)
+        with model.reuse_embedding():
+            model_tr, guide_tr, log_w = particle_traces(model, x, S)
     draws, kl = {}, {}
     for name, site in guide_tr.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):

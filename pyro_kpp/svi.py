@@ -226,7 +226,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         model = model_from_state(resume_state, device)
     world.broadcast_parameters(model)
     world.seed_sampling(cfg.seed)                           # per-rank noise (a no-op in one process)
-    optimizer, scheduler = build_optimizer(cfg, model, episodes.steps_per_epoch())   # by cfg.preset
+    steps_per_epoch = episodes.steps_per_epoch()
+    optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch)   # by cfg.preset
     epoch, epoch_step, step = 0, 0, 0
     loss_sum, loss_count = 0.0, 0
     skipped, nonfinite_in_row = 0, 0
@@ -251,7 +252,6 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         trim_metrics(run_dir / "steps.jsonl", step)
     history = []
     first_test = next(iter(episodes.test_episodes()))
-    steps_per_epoch = episodes.steps_per_epoch()
     start_time = time.time()
 
     def checkpoint():

@@ -64,6 +64,9 @@ class Config:
     kl_warmup: int = 1000             # steps of linear KL warm-up from 0 to 1 (0: the plain ELBO throughout)
     clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
     max_nonfinite: int = 10           # stop after this many non-finite losses/gradients in a row (each skipped)
+    # Pyro's validation (shape and argument checks) and our input value checks run on the first
+    # step of every training process; later steps skip them (each costs host syncs) unless True.
+    validate_every_step: bool = False
     epochs: int = 100
     max_steps: int | None = None
     max_minutes: float | None = None  # training-time budget (excludes evaluation), for equal-budget comparisons

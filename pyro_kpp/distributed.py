@@ -72,13 +72,14 @@ class World:
         share = batch_size // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def average_gradients(self, parameters, loss: torch.Tensor) -> float:
-        """Replace every gradient by its mean over the ranks; return the ranks' mean loss.
+    def average_gradients(self, parameters, loss: torch.Tensor) -> torch.Tensor:
+        """Replace every gradient by its mean over the ranks; return the ranks' mean loss (a
+        0-dim tensor, so that the caller decides when to wait for its value).
 
         One all-reduce of all gradients and the loss, flattened into one buffer.
         """
         if self.size == 1:
-            return loss.item()
+            return loss.detach()
         grads = [p.grad for p in parameters if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
         dist.all_reduce(flat)
@@ -87,7 +88,7 @@ class World:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-        return flat[-1].item()
+        return flat[-1]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank: a decision all ranks share

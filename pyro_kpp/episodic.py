@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 
 from .config import Config
@@ -77,7 +78,13 @@ class EpisodicModel(PyroModule):
 
     # -- inputs ---------------------------------------------------------------------------
     def check_episode(self, x: torch.Tensor, argname: str = "episode") -> tuple[int, int]:
-        """Validate an episode batch (B, T, C, H, W); returns (B, T)."""
+        """Validate an episode batch (B, T, C, H, W); returns (B, T).
+
+        Type and shape are always checked. The values (finite; binary or 8-bit for the
+        likelihood) are checked while Pyro's validation is enabled, its default: reading them
+        waits for the device, so the training loop checks them on its first step only
+        (``Config.validate_every_step``), as it does Pyro's own checks.
+        """
         shape = tuple(self.cfg.image_shape)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{argname}: expected a torch.Tensor of shape (B, T, {', '.join(map(str, shape))}), "
@@ -87,9 +94,10 @@ class EpisodicModel(PyroModule):
                              f"got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{argname}: expected a floating-point tensor, got dtype {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{argname}: contains NaN or Inf values")
-        self.likelihood.check(x, argname)
+        if is_validation_enabled():
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{argname}: contains NaN or Inf values")
+            self.likelihood.check(x, argname)
         return x.shape[0], x.shape[1]
 
     # -- shared embedding -----------------------------------------------------------------

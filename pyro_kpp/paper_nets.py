@@ -33,6 +33,7 @@ import math
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from .nets import decoder_start
 
@@ -49,11 +50,11 @@ def temporal_shift(x: torch.Tensor, shift_fraction: float = 1 / 8) -> torch.Tens
     if x.dim() != 5:
         raise ValueError(f"x: expected an episode batch (B, T, C, H, W), got shape {tuple(x.shape)}")
     fold = int(x.shape[2] * shift_fraction)
-    out = torch.zeros_like(x)
-    out[:, :-1, :fold] = x[:, 1:, :fold]                        # image t <- image t+1
-    out[:, 1:, fold:2 * fold] = x[:, :-1, fold:2 * fold]        # image t <- image t-1
-    out[:, :, 2 * fold:] = x[:, :, 2 * fold:]
-    return out
+    # One concatenation writes each output element once; zero-filling a full-size output and
+    # copying three slices into it cost twice as much (fwd + bwd, measured on 28x28 maps).
+    from_next = F.pad(x[:, 1:, :fold], (0, 0, 0, 0, 0, 0, 0, 1))              # image t <- image t+1
+    from_previous = F.pad(x[:, :-1, fold:2 * fold], (0, 0, 0, 0, 0, 0, 1, 0))  # image t <- image t-1
+    return torch.cat([from_next, from_previous, x[:, :, 2 * fold:]], dim=2)
 
 
 class TemporalShift(nn.Module):

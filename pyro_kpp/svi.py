@@ -50,11 +50,13 @@ FLAGS = {
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
-    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "max_nonfinite": "max_nonfinite", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
+    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "max_nonfinite": "max_nonfinite",
+    "validate_every_step": "validate_every_step", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
     "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
 # Options that may change when resuming a run (they do not change the model or data order).
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "device", "eval_episodes", "data_dir"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "validate_every_step", "device",
+             "eval_episodes", "data_dir"}
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
                                                      f"in a row, each skipped (default {d.max_nonfinite})")
+    p.add_argument("--validate-every-step", action="store_true", default=None,
+                   help="run Pyro's validation and the input value checks on every training step "
+                        "(default: on the first step of the run or resume only; they cost host syncs)")
     p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time (minutes, "
@@ -284,6 +289,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         """KL warm-up: the KL weight rises linearly from 0 to 1 over cfg.kl_warmup steps."""
         return 1.0 if cfg.kl_warmup == 0 else min(1.0, (at_step + 1) / cfg.kl_warmup)
 
+    first_step = step                                        # validated (see Config.validate_every_step)
     model.train()
     with StopRequests() as stop:
         while epoch < cfg.epochs and budget_left():
@@ -295,13 +301,15 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             for x in bar:
                 x = x[mine]
                 beta = kl_scale(step)
-                loss = training_loss(model, x, elbo, kl_scale=beta)
+                with pyro.validation_enabled(cfg.validate_every_step or step == first_step):
+                    loss = training_loss(model, x, elbo, kl_scale=beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                value = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient
+                loss = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-                if math.isfinite(value) and math.isfinite(grad_norm.item()):
+                value, norm = torch.stack([loss.detach(), grad_norm]).tolist()   # the step's one host sync
+                if math.isfinite(value) and math.isfinite(norm):
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
@@ -320,7 +328,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 step += 1
                 if log_steps and world.is_main:
                     with (run_dir / "steps.jsonl").open("a") as f:
-                        f.write(json.dumps({"step": step, "loss": value, "grad_norm": grad_norm.item(),
+                        f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm,
                                             "kl_scale": beta}) + "\n")
                 if running is not None:
                     bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta == 1.0 else

@@ -9,10 +9,11 @@ import torch
 from pyro import poutine
 
 from pyro_kpp.bench.__main__ import main
-from pyro_kpp.bench.measure import alternate, peak_memory
+from pyro_kpp.bench.measure import alternate, count_dispatched, peak_memory
 from pyro_kpp.bench.reference import kpp_reference_loss
-from pyro_kpp.bench.sizes import Bench
+from pyro_kpp.bench.sizes import Bench, LinearDecoder, LinearEncoder
 from pyro_kpp.bound import make_elbo, training_loss
+from pyro_kpp.svi import train
 
 from helpers import tiny_config
 
@@ -75,18 +76,63 @@ def test_peak_memory_sees_a_temporary_tensor():
     assert 4 * 2 ** 20 <= peak < 16 * 2 ** 20
 
 
+def test_dispatch_counts_operators_and_names_who_reads_values():
+    x = torch.ones(4)
+
+    def fn():
+        y = (x + 1).view(2, 2)                 # one operator (add); the view is not counted
+        return y.sum().item()                  # sum counted; the read is a host sync, from this line
+    operators, syncs = count_dispatched(fn)
+    line = fn.__code__.co_firstlineno + 2
+    assert operators == 2 and syncs == {f"pyro_kpp:tests/test_bench.py:{line}": 1}
+
+
+@pytest.mark.parametrize("name", ["kpp", "km", "dkm", "vae"])
+def test_training_loss_reads_no_values_without_validation(omniglot, name):
+    """The loss and gradient of every model run without host syncs of this package's own once
+    Pyro's validation is off (as in pyro_kpp.svi after the first step); with it on, the input
+    value checks read the episode (so the count can fail)."""
+    b = Bench.build(tiny_config(model=name), omniglot, torch.device("cpu"))
+    with pyro.validation_enabled(True):
+        _, checked = count_dispatched(lambda: training_loss(b.model, b.x, b.elbo).backward())
+    _, steady = count_dispatched(b.forward_backward)
+    ours = [k for k in checked if k.startswith("pyro_kpp:pyro_kpp/episodic.py")]
+    assert ours and not any(k.startswith("pyro_kpp") for k in steady), (checked, steady)
+
+
+def test_the_training_loop_reads_one_value_pair_per_step(omniglot, tmp_path):
+    operators, syncs = count_dispatched(lambda: train(tiny_config(max_steps=3), tmp_path, progress=False))
+    in_loop = {k: n for k, n in syncs.items() if k.startswith("pyro_kpp:pyro_kpp/svi.py")}
+    assert list(in_loop.values()) == [3], in_loop       # one line, once per step
+
+
+def test_linear_stand_ins_keep_the_shared_nets_shapes(omniglot):
+    b = Bench.build(tiny_config(model="km"), omniglot, torch.device("cpu"), shared_nets="linear")
+    assert isinstance(b.model.encoder, LinearEncoder) and isinstance(b.model.decoder, LinearDecoder)
+    assert b.model.embed(b.x).shape == (*b.x.shape[:2], b.model.cfg.embed_size)
+    assert b.model.decode(torch.zeros(3, b.model.cfg.code_size)).shape == (3, *b.x.shape[2:])
+    b.train_step()
+    with pytest.raises(ValueError, match="shared_nets: expected one of"):
+        Bench.build(tiny_config(), omniglot, torch.device("cpu"), shared_nets="none")
+
+
 def test_quick_run_writes_json_plots_and_table(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["--quick", "--repeats", "1", "--budget", "0.5", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
     results = report["results"]
-    assert set(results) == {"throughput", "overhead", "scaling", "flops", "quality"}
-    assert set(results["throughput"]) == {"paper", "cpu"}
-    for preset in results["throughput"].values():
+    assert set(results) == {"throughput", "memory_path", "dispatch", "options", "overhead", "scaling", "flops",
+                            "quality"}
+    assert set(results["throughput"]) == {"paper", "recipe", "cpu"}
+    for preset in [*results["throughput"].values(), results["memory_path"]["paper"]]:
         assert set(preset["models"]) == {"kpp", "km", "dkm", "vae"}
         assert preset["train_time_vs_kpp"]["kpp"] == 1.0
         assert all(m["peak_memory_mb"] > 0 and m["train_images_per_s"] > 0 for m in preset["models"].values())
     assert results["overhead"]["kpp"]["step_ratio"] > 0
+    for counts in results["dispatch"]["paper"].values():       # steady state: no syncs of ours
+        assert counts["operators_loss_and_backward"] > 0
+        assert not any(k.startswith("pyro_kpp") for k in counts["host_syncs_train_step"])
+    assert set(results["options"]["kpp"]) == {"channels_last", "flush_denormal"}
     assert set(results["scaling"]) == {"memory_area", "slots", "episode_length"}
     assert {p["model"] for p in results["scaling"]["slots"]["points"]} == {"km", "dkm"}
     assert 0 < results["flops"]["kpp"]["fraction_of_peak"]

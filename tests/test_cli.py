@@ -52,7 +52,10 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path, capsys):
 def test_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path):
     _train(tmp_path / "straight", "--max-steps", "4")
     _train(tmp_path / "split", "--max-steps", "2")
-    assert svi.main(["--resume", str(tmp_path / "split"), "--max-steps", "4", "--no-progress"]) == 0
+    # Checking every step (Pyro's validation) may be switched on when resuming; it changes no number.
+    assert svi.main(["--resume", str(tmp_path / "split"), "--max-steps", "4", "--no-progress",
+                     "--validate-every-step"]) == 0
+    assert load_checkpoint(tmp_path / "split")["config"]["validate_every_step"] is True
     a = load_checkpoint(tmp_path / "straight")["model"]
     b = load_checkpoint(tmp_path / "split")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

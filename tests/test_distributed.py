@@ -58,7 +58,7 @@ def _helpers_worker(rank: int, port: int) -> None:
     loss = torch.nn.functional.mse_loss(net(x[mine]), y[mine])
     loss.backward()
     value = world.average_gradients(net.parameters(), loss)
-    assert value == pytest.approx(full.item(), rel=1e-6)
+    assert value.item() == pytest.approx(full.item(), rel=1e-6)
     for p, g in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
 

@@ -1,4 +1,5 @@
-"""Measuring tools: alternating step timers, peak memory, FLOP counts, matmul peak, profiles.
+"""Measuring tools: alternating step timers, peak memory, FLOP counts, matmul peak, profiles,
+operator and host-sync counts.
 
 Timing on shared, noisy machines: every compared function runs once per round, in a rotated
 order, for ``repeats`` rounds after a warm-up call each, and the median is kept. A burst of
@@ -14,12 +15,17 @@ gradients, temporaries; the parameters and optimizer state allocated before are 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import statistics
 import time
+import traceback
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -92,3 +98,76 @@ def profile_table(fn: Callable[[], object], steps: int = 3, rows: int = 25) -> t
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     return table, [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4), "calls": e.count}
                    for e in top]
+
+
+# -- host syncs ---------------------------------------------------------------------------------
+_PROJECT = Path(__file__).resolve().parents[2]          # the checkout: pyro_kpp/, models/, guides/
+_TORCH_INTERNALS = ("_dynamo", "_compile.py", "overrides.py", "_tensor.py")   # and torch.utils
+
+
+def _sync_origin(stack: list[traceback.FrameSummary]) -> str:
+    """Who asked for a value: "torch.optim", "torch.distributions", "pyro" (any installed package
+    by its name), "pyro_kpp:<file>:<line>" for this project's code, or "other"."""
+    for frame in reversed(stack):                        # innermost first
+        parts = Path(frame.filename).parts
+        if "site-packages" in parts:
+            package = parts[parts.index("site-packages") + 1:]
+            if package[0] == "torch" and (package[1] in _TORCH_INTERNALS or package[1] == "utils"):
+                continue
+            return ".".join(package[:2]) if package[0] == "torch" else package[0]
+        path = Path(frame.filename).resolve()
+        if _PROJECT in path.parents and "bench" not in path.parts:
+            return f"pyro_kpp:{path.relative_to(_PROJECT)}:{frame.lineno}"
+    return "other"
+
+
+_NOT_COMPUTE = (torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten._local_scalar_dense)
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the operators that compute (views excluded) and the host reads by origin."""
+
+    def __init__(self):
+        super().__init__()
+        self.operators = 0
+        self.host_syncs: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:          # .item(), bool(t), ...
+            self.host_syncs[_sync_origin(traceback.extract_stack()[:-1])] += 1
+        elif not func.is_view and func.overloadpacket not in _NOT_COMPUTE:
+            self.operators += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _counting_tolist(counter: collections.Counter):
+    """``Tensor.tolist`` reads values without dispatching an operator on the CPU: count it here."""
+    original = torch.Tensor.tolist
+
+    def tolist(self):
+        counter[_sync_origin(traceback.extract_stack()[:-1])] += 1
+        return original(self)
+    torch.Tensor.tolist = tolist
+    try:
+        yield
+    finally:
+        torch.Tensor.tolist = original
+
+
+def count_dispatched(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """(operators, host syncs by origin) of one call ``fn()``.
+
+    Operators: the ATen operators that compute something (views, detach and value reads are
+    not counted), run in the calling thread, the backward pass included on the CPU. On a GPU
+    each is at least one kernel launch, so the count bounds a step's launch overhead from
+    below; torch.optim's foreach ops count per tensor here, as the CPU runs them.
+
+    Host syncs: reads of tensor values by the host (``aten::_local_scalar_dense``: each
+    ``.item()``, ``bool(tensor)``; and each ``.tolist()``), by origin (``_sync_origin``). On a GPU each
+    waits for the device to finish its queue, except for tensors kept on the host, such as
+    torch.optim's step counters.
+    """
+    with _Dispatched() as mode, _counting_tolist(mode.host_syncs):
+        fn()
+    return mode.operators, dict(mode.host_syncs)

@@ -9,13 +9,23 @@ from .sizes import MODEL_NAMES
 def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
     """(section, measurement, value) rows: ratios first, absolute figures only where no ratio exists."""
     rows = []
-    for preset, r in results.get("throughput", {}).items():
-        for m in MODEL_NAMES:
-            v = r["models"][m]
-            rows.append(("throughput", f"{preset} {m}: train / eval step time vs kpp, memory vs kpp",
-                         f"{r['train_time_vs_kpp'][m]:.2f}x / {r['eval_time_vs_kpp'][m]:.2f}x, "
-                         f"{r['memory_vs_kpp'][m]:.2f}x ({v['train_images_per_s']:.0f} train img/s, "
-                         f"{v['peak_memory_mb']:.0f} MB)"))
+    for section in ("throughput", "memory_path"):
+        for preset, r in results.get(section, {}).items():
+            for m in MODEL_NAMES:
+                v = r["models"][m]
+                rows.append((section, f"{preset} {m}: train / eval step time vs kpp, memory vs kpp",
+                             f"{r['train_time_vs_kpp'][m]:.2f}x / {r['eval_time_vs_kpp'][m]:.2f}x, "
+                             f"{r['memory_vs_kpp'][m]:.2f}x ({v['train_images_per_s']:.0f} train img/s, "
+                             f"{v['peak_memory_mb']:.0f} MB)"))
+    for m, r in results.get("dispatch", {}).get("paper", {}).items():
+        syncs = r["host_syncs_train_step"]
+        ours = sum(n for k, n in syncs.items() if k.startswith("pyro_kpp"))
+        rows.append(("dispatch", f"paper {m}: operators per loss+backward; host syncs per step "
+                                 f"(pyro_kpp / pyro / torch.optim host counters)",
+                     f"{r['operators_loss_and_backward']}; {ours} / {syncs.get('pyro', 0)} / "
+                     f"{syncs.get('torch.optim', 0)}"))
+    for option, r in results.get("options", {}).get("kpp", {}).items():
+        rows.append(("options", f"cpu kpp: train step with {option} / without", f"{r['step_ratio']:.3f}x"))
     if "overhead" in results:
         r = results["overhead"]["kpp"]
         lo, hi = r["step_ratio_range"]
@@ -61,15 +71,16 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    if "throughput" in results:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        presets = list(results["throughput"])
-        width = 0.8 / len(presets)
-        for i, preset in enumerate(presets):
-            ratios = results["throughput"][preset]["train_time_vs_kpp"]
+    groups = {preset: r["train_time_vs_kpp"] for preset, r in results.get("throughput", {}).items()}
+    groups.update({f"{preset}, linear shared nets": r["train_time_vs_kpp"]
+                   for preset, r in results.get("memory_path", {}).items()})
+    if groups:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / len(groups)
+        for i, (label, ratios) in enumerate(groups.items()):
             ax.bar([j + i * width for j in range(len(MODEL_NAMES))], [ratios[m] for m in MODEL_NAMES],
-                   width, label=preset)
-        ax.set_xticks([j + width * (len(presets) - 1) / 2 for j in range(len(MODEL_NAMES))], MODEL_NAMES)
+                   width, label=label)
+        ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(MODEL_NAMES))], MODEL_NAMES)
         ax.set_ylabel("train step time / K++'s")
         ax.legend()
         save(fig, "throughput.png")

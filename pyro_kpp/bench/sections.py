@@ -1,17 +1,20 @@
 """The benchmark's sections, each a list of jobs (one progress-bar tick each) and a summary.
 
-Every figure a section reports is a ratio of alternated timings (``measure.alternate``): a
-ratio of medians, or for the Pyro overhead the median of the per-round ratios (with their
-range, to show the noise). Absolute times and images/s are kept in the JSON for reference only.
+Every timed figure a section reports is a ratio of alternated timings (``measure.alternate``):
+a ratio of medians, or for the Pyro overhead and the CPU options the median of the per-round
+ratios (with their range, to show the noise). Absolute times and images/s are kept in the JSON
+for reference only. The ``dispatch`` section counts operators and host syncs: exact, untimed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pyro
 import torch
 
 from pyro_kpp.svi import train
@@ -20,7 +23,7 @@ from . import measure
 from .reference import kpp_reference_loss
 from .sizes import MODEL_NAMES, Bench, Sizes
 
-PRESET_NAMES = ("paper", "cpu")
+PRESET_NAMES = ("paper", "recipe", "cpu")
 
 
 @dataclass
@@ -58,10 +61,11 @@ def _ratios(results: dict, base, key: str = "train_step_s") -> dict:
     return {k: v[key] / results[base][key] for k, v in results.items()}
 
 
-# -- throughput: every model at both presets ------------------------------------------------------
-def _throughput(preset: str):
+# -- throughput: every model at each preset; the memory path: the same without the shared nets ----
+def _throughput(preset: str, shared_nets: str = "conv"):
     def run(ctx: Context) -> dict:
-        benches = {m: Bench.build(ctx.sizes.config(m, preset), ctx.data, ctx.device) for m in MODEL_NAMES}
+        benches = {m: Bench.build(ctx.sizes.config(m, preset), ctx.data, ctx.device, shared_nets)
+                   for m in MODEL_NAMES}
         models = _timed_models(ctx, benches)
         return {"models": models, "train_time_vs_kpp": _ratios(models, "kpp"),
                 "eval_time_vs_kpp": _ratios(models, "kpp", "eval_step_s"),
@@ -69,19 +73,66 @@ def _throughput(preset: str):
     return run
 
 
+# -- operators and host syncs per step (counted, not timed) --------------------------------------
+def _dispatch(ctx: Context) -> dict:
+    out = {}
+    for m in MODEL_NAMES:
+        b = Bench.build(ctx.sizes.config(m, "paper"), ctx.data, ctx.device)
+        b.train_step()                                       # optimizer state exists: steady state
+        operators, _ = measure.count_dispatched(b.forward_backward)
+        _, syncs = measure.count_dispatched(b.train_step)
+        out[m] = {"operators_loss_and_backward": operators, "host_syncs_train_step": syncs}
+    return out
+
+
+# -- CPU options: memory layout and denormals -----------------------------------------------------
+@contextlib.contextmanager
+def _flush_denormal():
+    """Denormal floats flushed to zero inside (where the CPU supports it)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _options(ctx: Context) -> dict:
+    cfg = ctx.sizes.config("kpp")
+    base, nhwc = (Bench.build(cfg, ctx.data, ctx.device) for _ in range(2))
+    nhwc.model.to(memory_format=torch.channels_last)
+
+    def flushed():
+        with _flush_denormal():
+            base.train_step()
+    steps = measure.alternate({"base": base.train_step, "channels_last": nhwc.train_step,
+                               "flush_denormal": flushed}, ctx.repeats, ctx.device)
+    return {k: {"step_ratio": statistics.median(_paired(steps, k, "base")), "seconds": v["median"]}
+            for k, v in steps.items() if k != "base"}
+
+
 # -- Pyro overhead: Trace_ELBO step against the hand-written loss ---------------------------------
+def _reference(b: Bench) -> Callable[[], torch.Tensor]:
+    """The hand-written K++ loss of ``b``, with Pyro's validation (and so the input value checks)
+    off, as in ``Bench.pyro_loss``."""
+    def loss():
+        with pyro.validation_enabled(False):
+            return kpp_reference_loss(b.model, b.x)
+    return loss
+
+
+def _paired(steps: dict, num: str, den: str) -> list[float]:
+    """Per-round ratios of two alternated timings, sorted: both calls of a round ran under the same load."""
+    return sorted(x / y for x, y in zip(steps[num]["times"], steps[den]["times"]))
+
+
 def _overhead(ctx: Context) -> dict:
     b = Bench.build(ctx.sizes.config("kpp"), ctx.data, ctx.device)
-    ref = functools.partial(kpp_reference_loss, b.model, b.x)
+    ref = _reference(b)
     steps = measure.alternate({"pyro": b.train_step, "reference": lambda: b.step_with(ref),
                                "pyro_forward": lambda: b.pyro_loss().detach(),
                                "reference_forward": lambda: ref().detach()}, ctx.repeats, ctx.device)
-
-    def paired(num: str, den: str) -> list[float]:
-        """Per-round ratios, sorted: both calls of a round ran under the same load."""
-        return sorted(x / y for x, y in zip(steps[num]["times"], steps[den]["times"]))
-
-    step, forward = paired("pyro", "reference"), paired("pyro_forward", "reference_forward")
+    step = _paired(steps, "pyro", "reference")
+    forward = _paired(steps, "pyro_forward", "reference_forward")
     return {"step_ratio": statistics.median(step), "forward_ratio": statistics.median(forward),
             "step_ratio_range": [step[0], step[-1]], "forward_ratio_range": [forward[0], forward[-1]],
             "seconds": {k: v["median"] for k, v in steps.items()}}
@@ -147,6 +198,9 @@ def _quality(model: str):
 def jobs(sections: list[str]) -> list[Job]:
     plan = {
         "throughput": [Job("throughput", p, _throughput(p)) for p in PRESET_NAMES],
+        "memory_path": [Job("memory_path", "paper", _throughput("paper", shared_nets="linear"))],
+        "dispatch": [Job("dispatch", "paper", _dispatch)],
+        "options": [Job("options", "kpp", _options)],
         "overhead": [Job("overhead", "kpp", _overhead)],
         "scaling": [Job("scaling", "memory_area", _scale_area), Job("scaling", "slots", _scale_slots),
                     Job("scaling", "episode_length", _scale_length)],
@@ -156,7 +210,7 @@ def jobs(sections: list[str]) -> list[Job]:
     return [job for s in sections for job in plan[s]]
 
 
-SECTIONS = ("throughput", "overhead", "scaling", "flops", "quality")
+SECTIONS = ("throughput", "memory_path", "dispatch", "options", "overhead", "scaling", "flops", "quality")
 
 
 @dataclass
@@ -201,7 +255,7 @@ def profiled_steps(target: str, ctx: Context) -> dict[str, Callable[[], None]]:
         b = Bench.build(cfg, ctx.data, ctx.device)
         steps[name] = b.train_step
         if target == "pyro_overhead":
-            steps["reference"] = functools.partial(b.step_with, functools.partial(kpp_reference_loss, b.model, b.x))
+            steps["reference"] = functools.partial(b.step_with, _reference(b))
     for step in steps.values():
         step()                                               # warm-up outside the profile
     return steps

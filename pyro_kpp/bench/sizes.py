@@ -2,21 +2,29 @@
 
 Presets (choice; every model shares the encoder and decoder classes of ``pyro_kpp.nets``):
 
-* ``paper``: K++ Appendix E's sizes where this package's networks have them: a 3 x 64 x 64
-  memory, K = 2 reads, a writer with 256 base channels and dense heads of 512 units; KM and
-  DKM with their default slots (64 and 32);
+* ``paper``: K++ Appendix E's sizes with the ``cpu`` networks: a 3 x 64 x 64 memory, K = 2
+  reads, a writer with 256 base channels and dense heads of 512 units; KM and DKM with their
+  default slots (64 and 32);
+* ``recipe``: ``--preset paper``, Appendix E's networks at those sizes (TSM-ResNet18 encoder,
+  EvoNormS0 decoder, spectral-norm heads); timed with Adam, not LARS(Adam), like the others;
 * ``cpu``: the package's ``Config`` defaults (the same memory and reads, a 64-channel writer,
   256-unit heads), i.e. what ``python -m pyro_kpp.svi`` trains.
 
-Both use T = 32 images per episode and B = 8 episodes per step (``Config`` defaults).
-``--quick`` replaces both by tiny sizes that only exercise the code paths.
+All use T = 32 images per episode and B = 8 episodes per step (``Config`` defaults).
+``--quick`` replaces them by tiny sizes that only exercise the code paths.
+
+``shared_nets="linear"`` replaces the encoder and decoder that all models share by one linear
+layer each (``LinearEncoder``, ``LinearDecoder``): what is left of a step is each model's own
+memory machinery, heads and ELBO, i.e. the part where the models differ.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyro
 import torch
+from torch import nn
 
 from pyro_kpp.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.config import Config
@@ -27,11 +35,13 @@ from pyro_kpp.registry import MODELS, build_model
 MODEL_NAMES = tuple(MODELS)                         # kpp, km, dkm, vae
 PRESETS = {
     "paper": dict(writer_channels=256, hidden=512),
+    "recipe": dict(preset="paper"),                 # sizes by config.PRESET_DEFAULTS["paper"]
     "cpu": {},
 }
 TINY = dict(memory_shape=(3, 16, 16), window=8, writer_channels=16, code_size=8, embed_size=32, hidden=32,
             episode_length=4, batch_size=2)
-TINY_PRESETS = {"paper": dict(writer_channels=32, hidden=64), "cpu": {}}
+TINY_PRESETS = {"paper": dict(writer_channels=32, hidden=64),
+                "recipe": dict(preset="paper", writer_channels=32, hidden=64), "cpu": {}}
 
 
 @dataclass
@@ -68,10 +78,47 @@ def batch(data: ImageData, cfg: Config, device: torch.device) -> torch.Tensor:
     return next(iter(episodes.train_epoch(0)))
 
 
-def fresh_model(cfg: Config, data: ImageData, device: torch.device) -> EpisodicModel:
+class LinearEncoder(nn.Module):
+    """Stand-in for the shared f_enc: one linear map of the flattened image, (N, C, H, W) -> (N, D)."""
+
+    mixes_episode = False
+
+    def __init__(self, image_shape: tuple[int, int, int], embed_size: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), embed_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LinearDecoder(nn.Module):
+    """Stand-in for the shared decoder: one linear map, (N, L) -> (N, C', H, W)."""
+
+    def __init__(self, code_size: int, image_shape: tuple[int, int, int], out_channels: int):
+        super().__init__()
+        shape = (out_channels, *image_shape[1:])
+        self.net = nn.Sequential(nn.Linear(code_size, math.prod(shape)), nn.Unflatten(1, shape))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+SHARED_NETS = ("conv", "linear")
+
+
+def fresh_model(cfg: Config, data: ImageData, device: torch.device, shared_nets: str = "conv") -> EpisodicModel:
+    """A new model for ``cfg``; with ``shared_nets="linear"``, its encoder and decoder replaced by
+    ``LinearEncoder`` and ``LinearDecoder``."""
+    if shared_nets not in SHARED_NETS:
+        raise ValueError(f"shared_nets: expected one of {SHARED_NETS}, got {shared_nets!r}")
     cfg.image_shape = tuple(data.image_shape)
     pyro.set_rng_seed(cfg.seed)
-    return build_model(cfg).to(device).train()
+    model = build_model(cfg)
+    if shared_nets == "linear":
+        out_channels = model.likelihood.out_channels(cfg.image_shape[0])
+        model.encoder = LinearEncoder(cfg.image_shape, cfg.embed_size)
+        model.decoder = LinearDecoder(cfg.code_size, cfg.image_shape, out_channels)
+    return model.to(device).train()
 
 
 @dataclass
@@ -82,8 +129,8 @@ class Bench:
     x: torch.Tensor
 
     @classmethod
-    def build(cls, cfg: Config, data: ImageData, device: torch.device) -> "Bench":
-        return cls(fresh_model(cfg, data, device), batch(data, cfg, device))
+    def build(cls, cfg: Config, data: ImageData, device: torch.device, shared_nets: str = "conv") -> "Bench":
+        return cls(fresh_model(cfg, data, device, shared_nets), batch(data, cfg, device))
 
     def __post_init__(self):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
@@ -94,7 +141,8 @@ class Bench:
         return self.x.shape[0] * self.x.shape[1]
 
     def pyro_loss(self) -> torch.Tensor:
-        return training_loss(self.model, self.x, self.elbo)
+        with pyro.validation_enabled(False):        # as pyro_kpp.svi after a run's first step
+            return training_loss(self.model, self.x, self.elbo)
 
     def step_with(self, loss_fn) -> None:
         """One training step as ``pyro_kpp.svi`` takes it: loss, backward, Adam update."""

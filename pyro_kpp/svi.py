@@ -51,8 +51,8 @@ FLAGS = {
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
     "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "max_nonfinite": "max_nonfinite",
-    "validate_every_step": "validate_every_step", "epochs": "epochs", "max_steps": "max_steps", "max_minutes": "max_minutes",
-    "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
+    "validate_every_step": "validate_every_step", "epochs": "epochs", "max_steps": "max_steps",
+    "max_minutes": "max_minutes", "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
 # Options that may change when resuming a run (they do not change the model or data order).
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "validate_every_step", "device",

@@ -82,7 +82,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                    width, label=label)
         ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(MODEL_NAMES))], MODEL_NAMES)
         ax.set_ylabel("train step time / K++'s")
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(groups), fontsize=8)
         save(fig, "throughput.png")
     axes = {"memory_area": ("memory_side", "memory side H = W"), "slots": ("slots", "slots"),
             "episode_length": ("T", "episode length T")}

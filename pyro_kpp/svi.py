@@ -308,7 +308,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 loss = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-                value, norm = torch.stack([loss.detach(), grad_norm]).tolist()   # the step's one host sync
+                value, norm = torch.stack([loss, grad_norm]).tolist()   # the step's one host sync
                 if math.isfinite(value) and math.isfinite(norm):
                     optimizer.step()
                     if scheduler is not None:

@@ -101,7 +101,7 @@ def test_training_loss_reads_no_values_without_validation(omniglot, name):
 
 
 def test_the_training_loop_reads_one_value_pair_per_step(omniglot, tmp_path):
-    operators, syncs = count_dispatched(lambda: train(tiny_config(max_steps=3), tmp_path, progress=False))
+    _, syncs = count_dispatched(lambda: train(tiny_config(max_steps=3), tmp_path, progress=False))
     in_loop = {k: n for k, n in syncs.items() if k.startswith("pyro_kpp:pyro_kpp/svi.py")}
     assert list(in_loop.values()) == [3], in_loop       # one line, once per step
 

@@ -102,7 +102,7 @@ def profile_table(fn: Callable[[], object], steps: int = 3, rows: int = 25) -> t
 
 # -- host syncs ---------------------------------------------------------------------------------
 _PROJECT = Path(__file__).resolve().parents[2]          # the checkout: pyro_kpp/, models/, guides/
-_TORCH_INTERNALS = ("_dynamo", "_compile.py", "overrides.py", "_tensor.py")   # and torch.utils
+_TORCH_INTERNALS = ("_dynamo", "_compile.py", "overrides.py", "_tensor.py", "utils")
 
 
 def _sync_origin(stack: list[traceback.FrameSummary]) -> str:
@@ -112,7 +112,7 @@ def _sync_origin(stack: list[traceback.FrameSummary]) -> str:
         parts = Path(frame.filename).parts
         if "site-packages" in parts:
             package = parts[parts.index("site-packages") + 1:]
-            if package[0] == "torch" and (package[1] in _TORCH_INTERNALS or package[1] == "utils"):
+            if package[0] == "torch" and package[1] in _TORCH_INTERNALS:
                 continue
             return ".".join(package[:2]) if package[0] == "torch" else package[0]
         path = Path(frame.filename).resolve()

@@ -70,6 +70,7 @@ class DynamicKanervaMachine(EpisodicModel):
     """DKM: a latent matrix-normal memory addressed by least squares."""
 
     memory_is_latent = True
+    address_site = "w"
 
     def __init__(self, cfg: Config, name: str = "dkm"):
         super().__init__(cfg, name)
@@ -98,7 +99,8 @@ class DynamicKanervaMachine(EpisodicModel):
         def compute():
             codes = self.q.codes(self.embed(x))
             return (codes, *self.write_memory(codes))
-        return self.cached(x, "memory", compute)
+        codes, R, U = self.cached(x, "memory", compute)
+        return (codes, *self.foreign((R, U)))
 
     # -- Pyro program and guide --------------------------------------------------------------
     def model(self, x: torch.Tensor) -> None:

@@ -97,6 +97,8 @@ class MemoryPrior(PyroModule):
 class KanervaMachine(EpisodicModel):
     """KM: a matrix-normal memory written by Bayes' rule, read through learned addresses."""
 
+    address_site = "y"
+
     def __init__(self, cfg: Config, name: str = "km"):
         super().__init__(cfg, name)
         K, S = cfg.slots, cfg.address_size
@@ -128,7 +130,7 @@ class KanervaMachine(EpisodicModel):
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The memory written from x, shared by guide and model inside ``reuse_embedding()``."""
-        return self.cached(x, "memory", lambda: self.write_memory(self.embed(x)))
+        return self.foreign(self.cached(x, "memory", lambda: self.write_memory(self.embed(x))))
 
     def readout(self, R: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""

@@ -4,6 +4,7 @@ Generative program for B episodes of T images, x: (B, T, C, H, W):
 
     E = f_enc(X)                         embedding, one e_t per image        (§3.3)
     M = f_mem(mean_t e_t)                deterministic memory, C x H x W     (§3.3, eq. 5)
+      [+ sum_t f_ST^T(g(e_t), mu_key(e_t))]  the addressed write (``kpp_write``, below)
     y_tk ~ N(0, I_3),  k = 1..K          read keys                           (§3.4)
     M_hat_t = [f_ST(M, y_t1), ..., f_ST(M, y_tK)]   K windows stacked on channels (eq. 5)
     z_t ~ N(mu_z(M_hat_t), sigma_z(M_hat_t))        learned prior p(z | M, y)  (eq. 4)
@@ -13,6 +14,18 @@ With the guide q(y|X) q(z|X) (``pyro_kpp.guides.kpp``), Pyro's ELBO of this prog
 eq. 4 summed over the episode:  sum_t E[ln p(x_t|z_t)] - E_q(y)[KL(q(z_t|X) || p(z_t|M,y_t))]
 - KL(q(y_t|X) || p(y_t)). Nothing is divided by T inside the model; the per-image figure is
 the episode's bound divided by T, taken once, in ``pyro_kpp.bound``.
+
+The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; README "Memory use"):
+
+* ``"pooled"``: M = f_mem(mean_t e_t), the literal reading of §3.3. Trained on Omniglot it learns
+  one memory for every episode: the bound with another episode's memory is the same.
+* ``"addressed"``: M = f_mem(mean_t e_t) + sum_t f_ST^T(g(e_t), mu_key(e_t)). Each image also
+  writes a block g(e_t) (one window per read) exactly where the mean of its key posterior reads,
+  with f_ST^T the adjoint of the bilinear read (``SpatialTransformerRead.adjoint``). Fig. 3 puts
+  "infer keys" in the write model, which this reading takes; the memory is still a deterministic
+  function of the episode, M ~ delta(f(X)) (eq. 5), recorded at the site "memory".
+* ``"addressed-mean"``: the addressed part is divided, cell by cell, by the total bilinear weight
+  written into the cell (at least 1), so overlapping windows average instead of adding up.
 """
 from __future__ import annotations
 
@@ -23,12 +36,14 @@ import torch
 from pyro_kpp.config import Config
 from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
 from pyro_kpp.guides.kpp import KppGuide
-from pyro_kpp.nets import ConvGaussianHead, MemoryWriter, dense_spectral_norm, over_leading
+from pyro_kpp.nets import ConvGaussianHead, DenseNet, MemoryWriter, dense_spectral_norm, over_leading
 from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
 
 
 class KanervaPlusPlus(EpisodicModel):
     """K++: deterministic block memory read through spatial-transformer windows."""
+
+    address_site = "keys"
 
     def __init__(self, cfg: Config, name: str = "kpp"):
         super().__init__(cfg, name)
@@ -39,11 +54,25 @@ class KanervaPlusPlus(EpisodicModel):
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
                           spectral_norm=dense_spectral_norm(cfg))     # App. E (paper preset)
+        if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x h x w
+            self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * cfg.window ** 2, cfg.hidden, 1,
+                                      dense_spectral_norm(cfg))
 
     # -- pieces named after the paper's equations ------------------------------------------
     def write_memory(self, E: torch.Tensor) -> torch.Tensor:
-        """M = f_mem(mean_t e_t): (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
-        return self.writer(E.mean(dim=1))
+        """M = f_mem(mean_t e_t) [+ the addressed write]: (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
+        memory = self.writer(E.mean(dim=1))                      # (B, C, H, W)
+        if self.cfg.kpp_write == "pooled":
+            return memory
+        B, T = E.shape[:2]
+        C, H, W = self.cfg.memory_shape
+        keys = self.q.key_posterior(E)[0]                        # (B, T, K, 3), the posterior means
+        blocks = self.block_net(E).reshape(B, T, self.cfg.reads, C, self.cfg.window, self.cfg.window)
+        written = self.reader.adjoint(blocks, keys, (H, W))      # (B, C, H, W)
+        if self.cfg.kpp_write == "addressed-mean":
+            coverage = self.reader.adjoint(torch.ones_like(blocks[:, :, :, :1]), keys, (H, W))  # (B, 1, H, W)
+            written = written / coverage.clamp(min=1.0)
+        return memory + written
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""
@@ -54,10 +83,11 @@ class KanervaPlusPlus(EpisodicModel):
     # -- Pyro program and guide --------------------------------------------------------------
     def model(self, x: torch.Tensor) -> None:
         B, T = x.shape[:2]
-        memory = self.write_memory(self.embed(x))                # (B, C, H, W)
+        memory = self.foreign(self.write_memory(self.embed(x)))  # (B, C, H, W)
         key_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.reads, KEY_DIM])
         with pyro.plate("episodes", B, dim=-2):
-            pyro.deterministic("memory", memory.unsqueeze(1), event_dim=3)  # (B, 1, C, H, W)
+            # the returned value is used, so poutine.condition(data={"memory": M}) reads any M
+            memory = pyro.deterministic("memory", memory.unsqueeze(1), event_dim=3).squeeze(1)  # (B, C, H, W)
             with pyro.plate("images", T, dim=-1):
                 keys = pyro.sample("keys", key_prior.to_event(2))          # (..., B, T, K, 3)
                 z_loc, z_scale = self.code_prior(memory, keys)

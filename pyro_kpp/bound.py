@@ -40,52 +40,83 @@ def make_elbo(name: str):
 
 
 class ScaleLatents(Messenger):
-    """Multiply the log-densities of every latent site, in model and guide alike, by ``beta``.
+    """Multiply the log-densities of every latent site, in model and guide alike, by ``beta``,
+    and those of the sites named in ``sites`` by their own factor as well.
 
     The ELBO becomes E[ln p(x|z)] - beta * KL: a KL warm-up (beta < 1 early in training) that
     keeps the keys and codes from collapsing onto their priors before the memory has any
-    structure to offer them. Observed sites (the data, the deterministic memory) are untouched.
-    Only training uses it; every reported bound has beta = 1.
+    structure to offer them; ``sites={"keys": w}`` weights the key KL alone (pyro_kpp.schedules).
+    Observed sites (the data, the deterministic memory) are untouched.
+    Only training uses it; every reported bound has every weight 1.
     """
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float, sites: dict[str, float] | None = None):
         super().__init__()
         self.beta = beta
+        self.sites = sites or {}
 
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
-            msg["scale"] = msg["scale"] * self.beta
+            msg["scale"] = msg["scale"] * self.beta * self.sites.get(msg["name"], 1.0)
 
 
-def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float = 1.0) -> torch.Tensor:
+def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float = 1.0,
+                  key_kl_scale: float = 1.0) -> torch.Tensor:
     """Differentiable negative ELBO per image of a batch of episodes (B, T, C, H, W).
 
-    ``kl_scale`` < 1 weights the KL terms down (see ``ScaleLatents``); 1 is the true bound.
+    ``kl_scale`` < 1 weights the KL terms down, and ``key_kl_scale`` < 1 the key / address KL
+    (``model.address_site``) further (see ``ScaleLatents``); both 1 is the true bound.
     """
     model_fn, guide_fn = model.model, model.guide
-    if kl_scale != 1.0:
-        model_fn, guide_fn = ScaleLatents(kl_scale)(model_fn), ScaleLatents(kl_scale)(guide_fn)
+    sites = {model.address_site: key_kl_scale} if model.address_site and key_kl_scale != 1.0 else {}
+    if kl_scale != 1.0 or sites:
+        model_fn, guide_fn = ScaleLatents(kl_scale, sites)(model_fn), ScaleLatents(kl_scale, sites)(guide_fn)
     with model.reuse_embedding():
         loss = elbo.differentiable_loss(model_fn, guide_fn, x)
     return loss / (x.shape[0] * x.shape[1])
 
 
-def _site_log_probs(trace, T: int) -> torch.Tensor:
-    """Sum of a trace's log-densities, per image: (S, B, T).
+def _per_image(site, T: int) -> torch.Tensor:
+    """A site's log-density per image: (S, B, T) or (S, B, 1).
 
     Sites inside the ``images`` plate contribute per image. Episode-level sites (e.g. a
     latent memory) are spread evenly over the episode's T images, so summing over images
     counts them exactly once.
     """
-    total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+    lp = site["log_prob"]
+    if not any(f.name == "images" for f in site["cond_indep_stack"]):
+        lp = lp / T
+    return lp
+
+
+def _counted(site) -> bool:
+    return site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("_deterministic")
+
+
+def term_name(model: EpisodicModel, site: str) -> str:
+    """The bound's term a latent site's KL belongs to (TERMS)."""
+    if site == model.address_site:
+        return "key_kl"
+    return {"z": "code_kl", "memory": "memory_kl"}.get(site, f"{site}_kl")
+
+
+#: The terms of the negative bound, nats/image: -E[ln p(x|z)], then each latent's KL (K++ eq. 4,
+#: KM eq. 12, DKM's bound); a model reports those it has (the VAE has no key or memory KL).
+TERMS = ("reconstruction", "code_kl", "key_kl", "memory_kl")
+
+
+def bound_terms(model: EpisodicModel, model_tr, guide_tr, T: int) -> dict[str, torch.Tensor]:
+    """The negative bound's terms per particle and image, (S, B, T) or broadcastable: they sum to
+    minus the log weight. Each KL is the Monte Carlo estimate ln q - ln p at the guide's draw."""
+    terms = {}
+    for name, site in model_tr.nodes.items():
+        if not _counted(site):
             continue
-        lp = site["log_prob"]
-        if not any(f.name == "images" for f in site["cond_indep_stack"]):
-            lp = lp / T
-        total = total + lp
-    return total
+        if site["is_observed"]:
+            terms["reconstruction"] = -_per_image(site, T)
+        else:
+            terms[term_name(model, name)] = _per_image(guide_tr.nodes[name], T) - _per_image(site, T)
+    return terms
 
 
 def particle_traces(model: EpisodicModel, x: torch.Tensor, samples: int):
@@ -100,16 +131,35 @@ def particle_traces(model: EpisodicModel, x: torch.Tensor, samples: int):
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     model_tr.compute_log_prob()
     guide_tr.compute_log_prob()
-    lw = _site_log_probs(model_tr, T) - _site_log_probs(guide_tr, T)
+    lw = -sum(bound_terms(model, model_tr, guide_tr, T).values())
     return model_tr, guide_tr, lw.expand(samples, B, T)
+
+
+def _particles(model: EpisodicModel, x: torch.Tensor, samples: int, chunk: int = 16):
+    """Log weights (S, B, T) and the terms' means over the S particles, each (B, T)."""
+    B, T = x.shape[:2]
+    lws, sums = [], {}
+    with model.reuse_embedding():
+        for start in range(0, samples, chunk):
+            model_tr, guide_tr, lw = particle_traces(model, x, min(chunk, samples - start))
+            lws.append(lw)
+            for name, term in bound_terms(model, model_tr, guide_tr, T).items():
+                sums[name] = sums.get(name, 0.0) + term.expand(lw.shape).sum(0)
+    return torch.cat(lws), {name: total / samples for name, total in sums.items()}
 
 
 @torch.no_grad()
 def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: int = 16) -> torch.Tensor:
     """ln p(x_t, y, z | M) - ln q(y, z | X) for ``samples`` draws per image: (S, B, T)."""
-    with model.reuse_embedding():
-        return torch.cat([particle_traces(model, x, min(chunk, samples - start))[2]
-                          for start in range(0, samples, chunk)])
+    return _particles(model, x, samples, chunk)[0]
+
+
+def _bounds(model: EpisodicModel, lw: torch.Tensor) -> dict[str, torch.Tensor]:
+    S, T = lw.shape[0], lw.shape[-1]
+    if model.memory_is_latent:
+        iw = (torch.logsumexp(lw.sum(-1, keepdim=True), 0) - math.log(S)) / T
+        return {"elbo": lw.mean(0), "iw": iw.expand(lw.shape[1:])}
+    return {"elbo": lw.mean(0), "iw": torch.logsumexp(lw, 0) - math.log(S)}
 
 
 def image_bounds(model: EpisodicModel, x: torch.Tensor, samples: int = 1) -> dict[str, torch.Tensor]:
@@ -119,27 +169,78 @@ def image_bounds(model: EpisodicModel, x: torch.Tensor, samples: int = 1) -> dic
     each particle's memory draw, so the weights no longer factor per image: the IW bound is
     taken over whole episodes, ln (1/S) sum_s prod_t w_st, and each image gets 1/T of it.
     """
-    lw = log_weights(model, x, samples)
-    S, T = lw.shape[0], lw.shape[-1]
-    if model.memory_is_latent:
-        iw = (torch.logsumexp(lw.sum(-1, keepdim=True), 0) - math.log(S)) / T
-        return {"elbo": lw.mean(0), "iw": iw.expand(lw.shape[1:])}
-    return {"elbo": lw.mean(0), "iw": torch.logsumexp(lw, 0) - math.log(S)}
+    return _bounds(model, log_weights(model, x, samples))
+
+
+#: Particles per image of the paired own/foreign-memory ELBOs behind the memory gain.
+GAIN_SAMPLES = 4
+
+
+class _Replay:
+    """Save the RNG state of ``device`` (and the CPU's) now; ``rewind()`` goes back to it, so two
+    computations can draw the same random numbers."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.state = torch.random.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+        self.device = device
+
+    def rewind(self) -> None:
+        torch.random.set_rng_state(self.state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def _add(totals: dict, terms: dict[str, torch.Tensor]) -> None:
+    for name, term in terms.items():
+        totals[name] = totals.get(name, 0.0) + float(term.sum())
 
 
 @torch.no_grad()
-def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None) -> dict[str, float]:
-    """Negative bounds in nats/image over the episode batches (e.g. the fixed test episodes)."""
+def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None) -> dict:
+    """Negative bounds in nats/image over the episode batches (e.g. the fixed test episodes).
+
+    Returns the negative ELBO (``elbo``) and IW bound (``iw``) with S samples, and the ELBO's
+    terms (``terms``: TERMS, nats/image, summing to ``elbo``). The memory's use: ``memory_gain``
+    is the negative ELBO with the memory written from another episode of the batch (episode b
+    reads episode b + 1's) minus that with the episode's own, in nats/image, over the images of
+    batches of two episodes or more (``gain_images``). Both ELBOs use the *same* random draws
+    (``min(S, GAIN_SAMPLES)`` particles, the RNG rewound), so what does not read the memory
+    cancels exactly: the VAE's gain is 0 to the bit. ``foreign_terms`` are the terms with the
+    other episode's memory.
+    """
     was_training = model.training
     model.eval()
-    elbo_sum = iw_sum = 0.0
-    images = 0
+    elbo_sum = iw_sum = gain_sum = 0.0
+    images = gain_images = 0
+    terms, foreign_terms = {}, {}
     for x in batches if progress is None else progress(batches):
-        b = image_bounds(model, x, samples)
+        replay = _Replay(x.device)
+        lw, own_terms = _particles(model, x, samples)           # (S, B, T), {term: (B, T)}
+        b = _bounds(model, lw)
         elbo_sum += float(b["elbo"].sum())
         iw_sum += float(b["iw"].sum())
         images += b["elbo"].numel()
+        _add(terms, own_terms)
+        if x.shape[0] < 2:                                       # no other episode to swap with
+            continue
+        k = min(samples, GAIN_SAMPLES)
+        if k != samples:
+            replay.rewind()
+            lw = _particles(model, x, k)[0]
+        replay.rewind()
+        with model.foreign_memory():
+            lw_other, other_terms = _particles(model, x, k)
+        gain_sum += float((lw[:k] - lw_other).mean(0).sum())
+        gain_images += lw_other[0].numel()
+        _add(foreign_terms, other_terms)
     model.train(was_training)
     if images == 0:
         raise ValueError("evaluate: no episodes to evaluate")
-    return {"elbo": -elbo_sum / images, "iw": -iw_sum / images, "samples": samples, "images": images}
+    return {"elbo": -elbo_sum / images, "iw": -iw_sum / images, "samples": samples, "images": images,
+            "terms": {name: total / images for name, total in terms.items()},
+            "memory_gain": gain_sum / gain_images if gain_images else None,
+            "foreign_terms": {name: total / gain_images for name, total in foreign_terms.items()}
+            if gain_images else None,
+            "gain_images": gain_images}

@@ -19,6 +19,7 @@ DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
 #: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
 DEFAULT_SLOTS = {"dkm": 32}
 KM_READ_WRITE = ("mean", "distribution")
+KPP_WRITES = ("pooled", "addressed", "addressed-mean")
 #: Network presets (``pyro_kpp.nets.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
 #: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
@@ -46,6 +47,10 @@ class Config:
     reads: int = 2                    # K (paper: 2)
     memory_shape: tuple[int, int, int] = (3, 64, 64)  # C x H x W (paper)
     window: int = 16                  # h = w of each read window
+    # K++ write (KPP_WRITES, models/kpp.py): "pooled" = M = f_mem(mean_t e_t), the paper's literal
+    # write (§3.3); "addressed" adds each image's block where its posterior-mean keys read (f_ST^T);
+    # "addressed-mean" divides each cell of that addressed part by how much was written into it
+    kpp_write: str = "pooled"
     writer_channels: int | None = None  # base channels of f_mem; None = by preset (cpu 64, paper 256)
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
     slots: int | None = None          # K memory rows; None = by model (DEFAULT_SLOTS, else 64)
@@ -62,6 +67,12 @@ class Config:
     elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
     lr: float = 1e-3
     kl_warmup: int = 1000             # steps of linear KL warm-up from 0 to 1 (0: the plain ELBO throughout)
+    # Training-only weight of the key / address KL (K++ keys, KM y, DKM w), on top of the warm-up:
+    # key_kl_start for key_kl_hold steps, then a cosine ramp to 1 over key_kl_ramp steps
+    # (pyro_kpp.schedules). Every reported bound weights it 1.
+    key_kl_start: float = 1.0
+    key_kl_hold: int = 0
+    key_kl_ramp: int = 0
     clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
     max_nonfinite: int = 10           # stop after this many non-finite losses/gradients in a row (each skipped)
     # Pyro's validation (shape and argument checks) and our input value checks run on the first
@@ -115,6 +126,14 @@ class Config:
             raise ValueError(f"window: {self.window} is larger than the memory {mh}x{mw}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood: expected one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
+        if self.kpp_write not in KPP_WRITES:
+            raise ValueError(f"kpp_write: expected one of {KPP_WRITES}, got {self.kpp_write!r}")
+        for name in ("key_kl_hold", "key_kl_ramp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
+        if not 0 < self.key_kl_start <= 1:
+            raise ValueError(f"key_kl_start: expected a weight in (0, 1], got {self.key_kl_start!r}")
         if self.km_read_write not in KM_READ_WRITE:
             raise ValueError(f"km_read_write: expected one of {KM_READ_WRITE}, got {self.km_read_write!r}")
         if self.elbo not in ("trace", "meanfield"):

@@ -66,6 +66,9 @@ class EpisodicModel(PyroModule):
     #: (DKM): the images of an episode then share a random memory, so importance weighting
     #: must weight whole episodes (``pyro_kpp.bound.image_bounds``), not images one by one.
     memory_is_latent: bool = False
+    #: The latent site of each image's key / address (K++ keys y, KM y, DKM w; None for the VAE):
+    #: its KL is reported on its own and may get a training-only weight (pyro_kpp.schedules).
+    address_site: str | None = None
 
     def __init__(self, cfg: Config, name: str):
         super().__init__(name)
@@ -75,6 +78,7 @@ class EpisodicModel(PyroModule):
         self.encoder = build_encoder(cfg)                    # by cfg.preset (pyro_kpp.nets)
         self.decoder = build_decoder(cfg, self.likelihood.out_channels(c))
         self._embedding_cache: dict | None = None
+        self._memory_shift = 0
 
     # -- inputs ---------------------------------------------------------------------------
     def check_episode(self, x: torch.Tensor, argname: str = "episode") -> tuple[int, int]:
@@ -142,6 +146,32 @@ class EpisodicModel(PyroModule):
             yield
         finally:
             self._embedding_cache = previous
+
+    # -- memory swapping: what the memory carries about its own episode ------------------------
+    @contextlib.contextmanager
+    def foreign_memory(self, shift: int = 1):
+        """Inside, every episode b of a batch is given the memory written from episode b + shift.
+
+        The bound computed inside, minus the bound outside, is the *memory gain*: the nats per
+        image that the memory written from an image's own episode is worth against one written
+        from another episode (``pyro_kpp.bound.evaluate``). Only the memory is swapped: the
+        encoder, keys and codes of each image are still its own, and the guide of a model whose
+        guide reads the memory (KM, DKM) reads the swapped one, so the bound is the best this
+        guide gives with that memory.
+        """
+        previous, self._memory_shift = self._memory_shift, shift
+        try:
+            yield
+        finally:
+            self._memory_shift = previous
+
+    def foreign(self, memory):
+        """``memory`` (a tensor or a tuple of tensors, episodes first) as ``foreign_memory`` wants it."""
+        if self._memory_shift == 0:
+            return memory
+        if isinstance(memory, tuple):
+            return tuple(m.roll(-self._memory_shift, 0) for m in memory)
+        return memory.roll(-self._memory_shift, 0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""

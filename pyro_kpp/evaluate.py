@@ -2,7 +2,11 @@
 
 Prints the negative test conditional bound (the ELBO, eq. 4 of K++ / eq. 12 of KM) and the
 negative importance-weighted bound with S samples of (y, z) per image given the written
-memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``). For 8-bit data
+memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``); the ELBO's
+terms (reconstruction, code KL, key/address KL, DKM's memory KL); and what the memory carries
+about its episode: the memory gain (the bound with another test episode's memory minus the
+bound with the episode's own) and the NLL of the mean memory read at each image's keys, from
+its own and from another episode's memory (``pyro_kpp.memory_use``). For 8-bit data
 (``--likelihood dmol``) both are also given in bits/dim, -bound / (D ln 2) with D = C*H*W
 sub-pixels (K++ Table 1): the likelihood is a probability mass over the 256 levels of each
 sub-pixel, so the figure needs no dequantization correction.
@@ -23,6 +27,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .device import resolve_device
 from .likelihoods import LIKELIHOODS, bits_per_dim
+from .memory_use import diagnose
 from .svi import make_episodes, test_batches
 
 
@@ -42,7 +47,9 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     result = evaluate(model, test_batches(episodes, max_episodes), samples=samples, progress=wrap)
     out = {"model": cfg.model, "data": cfg.data, "likelihood": cfg.likelihood, "step": state["step"],
            "test_bound": result["elbo"], "test_iw_bound": result["iw"],
-           "samples": samples, "test_images": result["images"]}
+           "samples": samples, "test_images": result["images"], "test_terms": result["terms"],
+           "memory_gain": result["memory_gain"], "test_terms_other_memory": result["foreign_terms"],
+           **diagnose(model, test_batches(episodes, max_episodes))}
     if not LIKELIHOODS[cfg.likelihood].binarized:
         out["test_bits_per_dim"] = bits_per_dim(result["elbo"], cfg.image_shape)
         out["test_iw_bits_per_dim"] = bits_per_dim(result["iw"], cfg.image_shape)
@@ -74,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
               + (f" = {r['test_bits_per_dim']:.4f} bits/dim" if bits else ""))
         print(f"test importance-weighted bound, S={r['samples']}: {r['test_iw_bound']:.2f} nats/image"
               + (f" = {r['test_iw_bits_per_dim']:.4f} bits/dim" if bits else ""))
+        other = r["test_terms_other_memory"] or {}
+        for name, value in r["test_terms"].items():
+            print(f"  {name + ':':36s} {value:8.2f}" + (f"   (other episode's memory: {other[name]:.2f})"
+                                                      if name in other else ""))
+        if r["memory_gain"] is not None:
+            print(f"memory gain (other memory - own):      {r['memory_gain']:.2f} nats/image")
+            print(f"NLL of the mean memory read at the posterior-mean keys: {r['read_nll']:.2f} own memory, "
+                  f"{r['read_nll_other']:.2f} another episode's")
     return 0
 
 

@@ -70,24 +70,53 @@ class SpatialTransformerRead(PyroModule):
         super().__init__()
         self.window = tuple(window)
 
-    def forward(self, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        B, C = memory.shape[:2]
+    def grid(self, keys: torch.Tensor, B: int) -> torch.Tensor:
+        """Sampling grid (B, n h, w, 2) of every window of keys (..., B, T, K, 3), stacked along height."""
         h, w = self.window
-        lead = keys.shape[:-4]                                  # leading sample dims
         if keys.shape[-4] != B or keys.shape[-1] != KEY_DIM:
             raise ValueError(
                 f"keys: expected shape (..., {B}, T, K, {KEY_DIM}) for a memory of "
                 f"{B} episodes, got {tuple(keys.shape)}"
             )
-        per_episode = keys.movedim(-4, 0)                       # (B, ..., T, K, 3)
-        inner = per_episode.shape[1:-1]                         # (..., T, K)
-        flat = per_episode.reshape(B, -1, KEY_DIM)              # (B, n, 3), n = windows per episode
+        flat = keys.movedim(-4, 0).reshape(B, -1, KEY_DIM)     # (B, n, 3), n = windows per episode
         n = flat.shape[1]
         theta = key_to_theta(flat).reshape(B * n, 2, 3)
-        grid = F.affine_grid(theta, [B * n, C, h, w], align_corners=False)  # (B n, h, w, 2)
-        grid = grid.reshape(B, n * h, w, 2)                     # stack windows along height
-        out = F.grid_sample(memory, grid, mode="bilinear", padding_mode="zeros",
+        grid = F.affine_grid(theta, [B * n, 1, h, w], align_corners=False)  # (B n, h, w, 2)
+        return grid.reshape(B, n * h, w, 2)
+
+    def forward(self, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        B, C = memory.shape[:2]
+        h, w = self.window
+        lead = keys.shape[:-4]                                  # leading sample dims
+        inner = keys.movedim(-4, 0).shape[1:-1]                 # (..., T, K)
+        out = F.grid_sample(memory, self.grid(keys, B), mode="bilinear", padding_mode="zeros",
                             align_corners=False)                # (B, C, n h, w)
-        out = out.reshape(B, C, n, h, w).movedim(2, 1)          # (B, n, C, h, w)
+        out = out.reshape(B, C, -1, h, w).movedim(2, 1)         # (B, n, C, h, w)
         out = out.reshape(B, *inner, C, h, w)                   # (B, ..., T, K, C, h, w)
         return out.movedim(0, len(lead))                        # (..., B, T, K, C, h, w)
+
+    def adjoint(self, windows: torch.Tensor, keys: torch.Tensor, memory_hw: tuple[int, int]) -> torch.Tensor:
+        """f_ST^T: scatter windows (B, T, K, C, h, w) into a (B, C, H, W) memory at keys (B, T, K, 3).
+
+        The exact adjoint of ``forward`` for a fixed key: every window pixel is added to the
+        memory cells of its four bilinear taps with the same weights the read uses (taps
+        outside the memory are dropped, as the read's zero padding reads nothing from them), so
+        <f_ST(M, y), V> = <M, f_ST^T(V, y)> for all M and V (tested). It is the addressed write
+        of ``KanervaPlusPlus`` (``Config.kpp_write``): an image's block lands where its key reads.
+        """
+        B, C = windows.shape[0], windows.shape[-3]
+        H, W = memory_hw
+        g = self.grid(keys, B).reshape(B, -1, 2)                # (B, P, 2), P = T K h w
+        values = windows.movedim(-3, 1).reshape(B, C, -1)       # (B, C, P), same pixel order as g
+        px = ((g[..., 0] + 1) * W - 1) / 2                      # align_corners=False pixel coordinates
+        py = ((g[..., 1] + 1) * H - 1) / 2
+        x0, y0 = px.floor(), py.floor()
+        memory = values.new_zeros(B, C, H * W)
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            xi, yi = x0 + dx, y0 + dy
+            weight = (1 - (px - xi).abs()) * (1 - (py - yi).abs())                   # (B, P)
+            inside = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)
+            index = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).long()              # (B, P)
+            contrib = values * (weight * inside).unsqueeze(1)                           # (B, C, P)
+            memory = memory.scatter_add(2, index.unsqueeze(1).expand(B, C, -1), contrib)
+        return memory.reshape(B, C, H, W)

@@ -35,18 +35,22 @@ from . import distributed
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
 from .checkpoint import CHECKPOINT_NAME, ensure_writable, load_checkpoint, save_checkpoint
-from .config import KM_READ_WRITE, PRESET_DEFAULTS, Config
+from .config import KM_READ_WRITE, KPP_WRITES, PRESET_DEFAULTS, Config
 from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
+from .memory_use import diagnose
 from .optim import build_optimizer
 from .plots import reconstruction_rows, sample_rows, save_rows
 from .registry import MODELS, build_model
+from .schedules import key_kl_weight, kl_weight
 
 # CLI flag -> Config field, for the options that map one to one.
 FLAGS = {
     "model": "model", "preset": "preset", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
+    "kpp_write": "kpp_write", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
+    "key_kl_ramp": "key_kl_ramp",
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
@@ -90,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-shape", type=parse_shape, help="K++ memory C,H,W (default 3,64,64)")
     p.add_argument("--window", type=int, help=f"K++ read window h=w (default {d.window})")
     p.add_argument("--writer-channels", type=int, help="base channels of f_mem (default by preset: cpu 64, paper 256)")
+    p.add_argument("--kpp-write", choices=KPP_WRITES,
+                   help="K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's block "
+                        "where its mean keys read; addressed-mean = the same, overlaps averaged "
+                        f"(default {d.kpp_write})")
     p.add_argument("--slots", type=int, help="KM/DKM memory rows K (default: KM 64, DKM 32)")
     p.add_argument("--address-size", type=int, help=f"KM size S of y and of the keys f(y) (default {d.address_size})")
     p.add_argument("--km-read-write", choices=KM_READ_WRITE,
@@ -103,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
     p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
                                                  f"(0 = none; default {d.kl_warmup})")
+    p.add_argument("--key-kl-start", type=float, help="training-only weight of the key/address KL at the "
+                                                      f"start (default {d.key_kl_start}: none)")
+    p.add_argument("--key-kl-hold", type=int, help="steps the key KL weight stays at --key-kl-start "
+                                                   f"(default {d.key_kl_hold})")
+    p.add_argument("--key-kl-ramp", type=int, help="steps of the cosine ramp of the key KL weight to 1 "
+                                                   f"(default {d.key_kl_ramp})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
@@ -285,10 +299,6 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         spent = train_seconds_total + seconds_this_epoch
         return cfg.max_minutes is None or not world.any(spent >= 60 * cfg.max_minutes)
 
-    def kl_scale(at_step: int) -> float:
-        """KL warm-up: the KL weight rises linearly from 0 to 1 over cfg.kl_warmup steps."""
-        return 1.0 if cfg.kl_warmup == 0 else min(1.0, (at_step + 1) / cfg.kl_warmup)
-
     first_step = step                                        # validated (see Config.validate_every_step)
     model.train()
     with StopRequests() as stop:
@@ -300,9 +310,9 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             running, interrupted = None, False
             for x in bar:
                 x = x[mine]
-                beta = kl_scale(step)
+                beta, key_beta = kl_weight(cfg, step), key_kl_weight(cfg, step)
                 with pyro.validation_enabled(cfg.validate_every_step or step == first_step):
-                    loss = training_loss(model, x, elbo, kl_scale=beta)
+                    loss = training_loss(model, x, elbo, kl_scale=beta, key_kl_scale=key_beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 loss = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient
@@ -329,10 +339,10 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 if log_steps and world.is_main:
                     with (run_dir / "steps.jsonl").open("a") as f:
                         f.write(json.dumps({"step": step, "loss": value, "grad_norm": norm,
-                                            "kl_scale": beta}) + "\n")
+                                            "kl_scale": beta, "key_kl_scale": key_beta}) + "\n")
                 if running is not None:
-                    bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta == 1.0 else
-                                        f"warm-up loss {running:.2f} (KL x {beta:.2f})")
+                    bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta * key_beta == 1.0 else
+                                        f"warm-up loss {running:.2f} (KL x {beta:.2f}, keys x {key_beta:.2f})")
                 interrupted = world.any(stop.requested)       # all ranks stop at the same step
                 if interrupted or not budget_left(time.time() - epoch_start):
                     break
@@ -355,13 +365,17 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(cfg.seed + 1)
                     test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
+                    memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes))
                     write_images(model, first_test, run_dir, epoch, cfg.seed)
                 record = {
                     "epoch": epoch, "step": step, "epoch_complete": epoch_done,
                     "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
-                    "test_images": test["images"], "train_seconds": round(train_seconds, 2),
+                    "test_images": test["images"], "test_terms": test["terms"],
+                    "memory_gain": test["memory_gain"], "test_terms_other_memory": test["foreign_terms"],
+                    **memory_use, "train_seconds": round(train_seconds, 2),
                     "train_seconds_total": round(train_seconds_total, 2),
-                    "kl_scale": kl_scale(step - 1),   # < 1: train_bound is the warm-up objective, not the bound
+                    # < 1: train_bound is the warm-up objective, not the bound
+                    "kl_scale": kl_weight(cfg, step - 1), "key_kl_scale": key_kl_weight(cfg, step - 1),
                     "skipped_steps": skipped,          # non-finite loss or gradient, update skipped (whole run)
                     "wall_seconds": round(time.time() - start_time, 2),
                 }
@@ -376,6 +390,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                           f"test bound {record['test_bound']:.2f} nats/image"
                           + (f" = {record['test_bits_per_dim']:.3f} bits/dim"
                              if "test_bits_per_dim" in record else "")
+                          + (f", memory gain {record['memory_gain']:.2f}" if record["memory_gain"] is not None else "")
                           + f" ({train_seconds:.0f} s)",
                           file=sys.stderr, flush=True)
             if epoch_done:

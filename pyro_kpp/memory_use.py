@@ -1,0 +1,76 @@
+"""What a written memory holds about its own episode, beyond the bound's memory gain.
+
+``pyro_kpp.bound.evaluate`` measures the memory gain (the bound with another episode's memory
+minus the bound with the episode's own). This module adds two diagnostics that say *why*:
+
+* ``read_nll``: the negative log-likelihood of each image under a plain memory read, the prior
+  mean code of p(z | M, y) at the posterior-mean keys of the image (K++ eq. 7 with one key,
+  KM/DKM: the mean read at the posterior-mean address), from the episode's own memory and from
+  another episode's. When the memory holds the image, the own read decodes close to it and the
+  other read does not; a memory that holds one prototype decodes the same from both.
+* ``spread``: the standard deviation of the memory across the episodes of a batch (per cell,
+  averaged) and within each memory (across its cells). A writer that ignores its episode has a
+  spread across episodes near 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .episodic import EpisodicModel, Memory
+
+
+def _first(value) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _rolled(value):
+    if isinstance(value, tuple):
+        return tuple(v.roll(-1, 0) for v in value)
+    return value.roll(-1, 0)
+
+
+@torch.no_grad()
+def read_nll(model: EpisodicModel, x: torch.Tensor, memory: Memory) -> dict[str, torch.Tensor]:
+    """-ln p(x_t | mean read at x_t's posterior-mean keys): (B, T) each, from the episode's own
+    ``memory`` ("own") and from episode b + 1's ("other"); needs B >= 2."""
+    keys = model.infer_keys(x)                                          # (B, T, ...)
+    out = {}
+    for name, value in (("own", memory.value), ("other", _rolled(memory.value))):
+        params = model.generate(Memory(model, value), keys, sample_z=False)   # (B, T, C', H, W)
+        out[name] = -model.likelihood.dist(params).log_prob(x)          # (B, T)
+    return out
+
+
+@torch.no_grad()
+def spread(memory: Memory) -> dict[str, float]:
+    """Standard deviation of the memory (its mean for KM/DKM) across the B >= 2 episodes, per
+    cell, and within each memory, across its cells; both averaged. Empty memories (the VAE's)
+    have none."""
+    m = _first(memory.value).flatten(1)                                 # (B, cells)
+    if m.shape[1] < 2:
+        return {}
+    return {"within": float(m.std(1).mean()), "across": float(m.std(0).mean())}
+
+
+@torch.no_grad()
+def diagnose(model: EpisodicModel, batches) -> dict:
+    """Mean read NLLs (own / other memory, nats/image) and memory spreads over the batches of two
+    episodes or more (a lone episode has no other memory to compare with); None where none."""
+    was_training = model.training
+    model.eval()
+    totals = {"own": 0.0, "other": 0.0, "within": 0.0, "across": 0.0}
+    counts = {name: 0 for name in totals}
+    for x in batches:
+        if x.shape[0] < 2:
+            continue
+        memory = model.write(x)
+        for name, nll in read_nll(model, x, memory).items():
+            totals[name] += float(nll.sum())
+            counts[name] += nll.numel()
+        for name, value in spread(memory).items():
+            totals[name] += value * x.shape[0]
+            counts[name] += x.shape[0]
+    model.train(was_training)
+    mean = {name: totals[name] / counts[name] if counts[name] else None for name in totals}
+    return {"read_nll": mean["own"], "read_nll_other": mean["other"],
+            "memory_std_within": mean["within"], "memory_std_across": mean["across"]}

@@ -1,0 +1,34 @@
+"""Training-only weights of the KL terms, by optimizer step (``pyro_kpp.bound.ScaleLatents``).
+
+Neither ever touches a reported figure: every bound that is printed or logged as a bound
+weights every KL by 1.
+
+* ``kl_weight``: the KL warm-up of every latent, linear from 0 to 1 over ``Config.kl_warmup``
+  steps (Bowman et al., 2016; Sønderby et al., 2016).
+* ``key_kl_weight``: an extra weight on the key / address KL alone (K++ keys y, KM addresses y,
+  DKM addresses w): ``key_kl_start`` for ``key_kl_hold`` steps, then a cosine ramp to 1 over
+  ``key_kl_ramp`` steps. Why (the README's "Memory use" section has the measurements): with the
+  honest price from the start, the keys collapse onto their prior before the memory holds
+  anything worth addressing; a sustained phase of cheap keys lets the images spread their keys
+  and the addressed write organise the memory, and the ramp then brings the keys' price back.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import Config
+
+
+def kl_weight(cfg: Config, step: int) -> float:
+    """The warm-up weight of every KL at optimizer step ``step`` (0-based)."""
+    return 1.0 if cfg.kl_warmup == 0 else min(1.0, (step + 1) / cfg.kl_warmup)
+
+
+def key_kl_weight(cfg: Config, step: int) -> float:
+    """The extra weight of the key KL at ``step``: hold ``key_kl_start``, then cosine to 1."""
+    if step < cfg.key_kl_hold:
+        return cfg.key_kl_start
+    if cfg.key_kl_ramp == 0 or step >= cfg.key_kl_hold + cfg.key_kl_ramp:
+        return 1.0
+    progress = (step - cfg.key_kl_hold) / cfg.key_kl_ramp
+    return cfg.key_kl_start + (1.0 - cfg.key_kl_start) * 0.5 * (1.0 - math.cos(math.pi * progress))

@@ -26,6 +26,9 @@ The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; R
   function of the episode, M ~ delta(f(X)) (eq. 5), recorded at the site "memory".
 * ``"addressed-mean"``: the addressed part is divided, cell by cell, by the total bilinear weight
   written into the cell (at least 1), so overlapping windows average instead of adding up.
+* ``"blocks"``: the addressed part alone, M = sum_t f_ST^T(g(e_t), mu_key(e_t)), with no f_mem:
+  a cell holds something only where an image of this episode wrote, so the memory can hold no
+  fixed "semantic" table for the keys to index (the keys cannot become a per-image code into it).
 """
 from __future__ import annotations
 
@@ -49,8 +52,9 @@ class KanervaPlusPlus(EpisodicModel):
         super().__init__(cfg, name)
         mem_c = cfg.memory_shape[0]
         window = (cfg.window, cfg.window)
-        self.writer = MemoryWriter(cfg.embed_size, cfg.memory_shape, cfg.writer_channels)
-        self.reader = SpatialTransformerRead(window)
+        if cfg.kpp_write != "blocks":                                 # f_mem
+            self.writer = MemoryWriter(cfg.embed_size, cfg.memory_shape, cfg.writer_channels)
+        self.reader = SpatialTransformerRead(window, cfg.key_map, cfg.window / min(cfg.memory_shape[1:]))
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
                           spectral_norm=dense_spectral_norm(cfg))     # App. E (paper preset)
@@ -61,9 +65,8 @@ class KanervaPlusPlus(EpisodicModel):
     # -- pieces named after the paper's equations ------------------------------------------
     def write_memory(self, E: torch.Tensor) -> torch.Tensor:
         """M = f_mem(mean_t e_t) [+ the addressed write]: (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
-        memory = self.writer(E.mean(dim=1))                      # (B, C, H, W)
         if self.cfg.kpp_write == "pooled":
-            return memory
+            return self.writer(E.mean(dim=1))                    # (B, C, H, W)
         B, T = E.shape[:2]
         C, H, W = self.cfg.memory_shape
         keys = self.q.key_posterior(E)[0]                        # (B, T, K, 3), the posterior means
@@ -72,7 +75,7 @@ class KanervaPlusPlus(EpisodicModel):
         if self.cfg.kpp_write == "addressed-mean":
             coverage = self.reader.adjoint(torch.ones_like(blocks[:, :, :, :1]), keys, (H, W))  # (B, 1, H, W)
             written = written / coverage.clamp(min=1.0)
-        return memory + written
+        return written if self.cfg.kpp_write == "blocks" else self.writer(E.mean(dim=1)) + written
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""

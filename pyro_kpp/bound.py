@@ -61,14 +61,28 @@ class ScaleLatents(Messenger):
 
 
 def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float = 1.0,
-                  key_kl_scale: float = 1.0) -> torch.Tensor:
+                  key_kl_scale: float = 1.0, key_free_nats: float = 0.0) -> torch.Tensor:
     """Differentiable negative ELBO per image of a batch of episodes (B, T, C, H, W).
 
     ``kl_scale`` < 1 weights the KL terms down, and ``key_kl_scale`` < 1 the key / address KL
     (``model.address_site``) further (see ``ScaleLatents``); both 1 is the true bound.
+    ``key_free_nats`` > 0 charges the key KL as max(its mean over the batch's images,
+    key_free_nats) ("free bits", Kingma et al., 2016, §C.8): the keys may carry that many nats
+    per image for free. This path computes the loss from the traces' Monte Carlo terms
+    (``bound_terms``), which is what ``Trace_ELBO`` computes for reparametrised sites.
     """
     model_fn, guide_fn = model.model, model.guide
     sites = {model.address_site: key_kl_scale} if model.address_site and key_kl_scale != 1.0 else {}
+    if key_free_nats > 0:
+        with model.reuse_embedding():
+            guide_tr = poutine.trace(guide_fn).get_trace(x)
+            model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(x)
+        model_tr.compute_log_prob()
+        guide_tr.compute_log_prob()
+        terms = {name: term.expand(x.shape[:2]).mean()
+                 for name, term in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
+        keys = torch.clamp(terms.pop("key_kl"), min=key_free_nats) * key_kl_scale
+        return terms.pop("reconstruction") + kl_scale * (sum(terms.values()) + keys)
     if kl_scale != 1.0 or sites:
         model_fn, guide_fn = ScaleLatents(kl_scale, sites)(model_fn), ScaleLatents(kl_scale, sites)(guide_fn)
     with model.reuse_embedding():

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .likelihoods import LIKELIHOODS
+from .spatial import KEY_MAPS
 
 CONFIG_VERSION = 1
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
@@ -19,7 +20,7 @@ DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
 #: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
 DEFAULT_SLOTS = {"dkm": 32}
 KM_READ_WRITE = ("mean", "distribution")
-KPP_WRITES = ("pooled", "addressed", "addressed-mean")
+KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
 #: Network presets (``pyro_kpp.nets.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
 #: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
@@ -49,8 +50,10 @@ class Config:
     window: int = 16                  # h = w of each read window
     # K++ write (KPP_WRITES, models/kpp.py): "pooled" = M = f_mem(mean_t e_t), the paper's literal
     # write (§3.3); "addressed" adds each image's block where its posterior-mean keys read (f_ST^T);
-    # "addressed-mean" divides each cell of that addressed part by how much was written into it
+    # "addressed-mean" divides each cell of that addressed part by how much was written into it;
+    # "blocks" is the addressed part alone, without f_mem
     kpp_write: str = "pooled"
+    key_map: str = "tanh"             # K++ keys -> windows (pyro_kpp.spatial.KEY_MAPS): "tanh" or "uniform"
     writer_channels: int | None = None  # base channels of f_mem; None = by preset (cpu 64, paper 256)
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
     slots: int | None = None          # K memory rows; None = by model (DEFAULT_SLOTS, else 64)
@@ -73,6 +76,7 @@ class Config:
     key_kl_start: float = 1.0
     key_kl_hold: int = 0
     key_kl_ramp: int = 0
+    key_free_nats: float = 0.0        # free nats of the key KL per image, same schedule, falling to 0
     clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
     max_nonfinite: int = 10           # stop after this many non-finite losses/gradients in a row (each skipped)
     # Pyro's validation (shape and argument checks) and our input value checks run on the first
@@ -126,12 +130,16 @@ class Config:
             raise ValueError(f"window: {self.window} is larger than the memory {mh}x{mw}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood: expected one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
+        if self.key_map not in KEY_MAPS:
+            raise ValueError(f"key_map: expected one of {KEY_MAPS}, got {self.key_map!r}")
         if self.kpp_write not in KPP_WRITES:
             raise ValueError(f"kpp_write: expected one of {KPP_WRITES}, got {self.kpp_write!r}")
         for name in ("key_kl_hold", "key_kl_ramp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
+        if not 0 <= self.key_free_nats < float("inf"):
+            raise ValueError(f"key_free_nats: expected a non-negative finite number, got {self.key_free_nats!r}")
         if not 0 < self.key_kl_start <= 1:
             raise ValueError(f"key_kl_start: expected a weight in (0, 1], got {self.key_kl_start!r}")
         if self.km_read_write not in KM_READ_WRITE:

@@ -123,22 +123,24 @@ def pareto_k(log_weights: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def window_rectangles(keys: torch.Tensor, memory_hw: tuple[int, int]) -> torch.Tensor:
+def window_rectangles(keys: torch.Tensor, memory_hw: tuple[int, int], to_theta=key_to_theta) -> torch.Tensor:
     """Where each key reads: (left, top, width, height) in memory pixels, (..., 3) -> (..., 4).
 
     Pixel (i, j) covers [j, j+1) x [i, i+1). A key's window spans s [-1, 1] + (x, y) in the
     memory's normalised frame (``key_to_theta``), and with ``align_corners=False`` the
     normalised coordinate c lies at pixel coordinate (c + 1) W / 2; a mirrored window (s < 0)
-    covers the same rectangle.
+    covers the same rectangle. ``to_theta`` maps keys to affine matrices: a K++ model's
+    ``reader.theta`` (its ``key_map``); ``key_to_theta`` (tanh) by default.
     """
     H, W = memory_hw
-    theta = key_to_theta(keys)                                    # (..., 2, 3)
+    theta = to_theta(keys)                                        # (..., 2, 3)
     s = theta[..., 0, 0].abs()
     tx, ty = theta[..., 0, 2], theta[..., 1, 2]
     return torch.stack([(tx - s + 1) * W / 2, (ty - s + 1) * H / 2, s * W, s * H], -1)
 
 
-def draw_windows(ax, keys: torch.Tensor, memory_hw: tuple[int, int], colors=None, label: str | None = None):
+def draw_windows(ax, keys: torch.Tensor, memory_hw: tuple[int, int], colors=None, label: str | None = None,
+                 to_theta=key_to_theta):
     """Draw the windows of keys (N, 3) on an ``imshow`` of the memory (pixel centres at integers).
 
     Mirrored windows (s < 0) are dashed. Returns the matplotlib patches, in key order.
@@ -146,8 +148,8 @@ def draw_windows(ax, keys: torch.Tensor, memory_hw: tuple[int, int], colors=None
     from matplotlib.patches import Rectangle
 
     keys = keys.reshape(-1, keys.shape[-1]).detach().cpu()
-    rects = window_rectangles(keys, memory_hw)
-    mirrored = torch.tanh(keys[:, 0]) < 0
+    rects = window_rectangles(keys, memory_hw, to_theta)
+    mirrored = to_theta(keys)[:, 0, 0] < 0
     patches = []
     for i, ((left, top, width, height), flip) in enumerate(zip(rects.tolist(), mirrored.tolist())):
         color = colors[i % len(colors)] if colors is not None else "red"
@@ -156,6 +158,12 @@ def draw_windows(ax, keys: torch.Tensor, memory_hw: tuple[int, int], colors=None
         ax.add_patch(patch)
         patches.append(patch)
     return patches
+
+
+def _to_theta(memory):
+    """The key map of the K++ model that wrote ``memory`` (tanh for a bare tensor)."""
+    reader = getattr(getattr(memory, "model", None), "reader", None)
+    return reader.theta if reader is not None else key_to_theta
 
 
 def _block_memory(memory) -> torch.Tensor:
@@ -185,7 +193,7 @@ def plot_memory(memory, keys: torch.Tensor | None = None, cmap: str = "viridis",
         ax.set_axis_off()
         if keys is not None:
             for t in range(keys.shape[0]):
-                draw_windows(ax, keys[t], (H, W), colors=[colors[t % len(colors)]])
+                draw_windows(ax, keys[t], (H, W), colors=[colors[t % len(colors)]], to_theta=_to_theta(memory))
         ax.set_xlim(-0.5, W - 0.5)
         ax.set_ylim(H - 0.5, -0.5)
     fig.tight_layout()
@@ -213,7 +221,7 @@ def plot_image_windows(memory, keys: torch.Tensor, images: torch.Tensor, cmap: s
         axes[t, 0].set_title(f"image {t}", fontsize=8)
         axes[t, 1].imshow(m.numpy(), cmap=cmap, interpolation="nearest")
         axes[t, 1].set_title("its windows on the memory (channel mean)", fontsize=8)
-        draw_windows(axes[t, 1], keys[t], (H, W), colors=colors)
+        draw_windows(axes[t, 1], keys[t], (H, W), colors=colors, to_theta=_to_theta(memory))
         axes[t, 1].set_xlim(-0.5, W - 0.5)
         axes[t, 1].set_ylim(H - 0.5, -0.5)
         for ax in axes[t]:

@@ -33,11 +33,30 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 
 KEY_DIM = 3  # (scale, x, y), K++ §3.2: y_tk in R^3
+#: How a key becomes (s, x, y) (``Config.key_map``): "tanh" squashes each component (the default
+#: reading of App. A); "uniform" maps the N(0, I) key prior to windows spread uniformly over
+#: the memory, inside it, at scales within a factor 3 of one window per window-sized block.
+KEY_MAPS = ("tanh", "uniform")
 
 
-def key_to_theta(keys: torch.Tensor) -> torch.Tensor:
-    """Affine matrices (..., 2, 3) from keys (..., 3), each component squashed by tanh."""
-    s, tx, ty = torch.tanh(keys).unbind(-1)
+def key_to_theta(keys: torch.Tensor, key_map: str = "tanh", base_scale: float = 0.25) -> torch.Tensor:
+    """Affine matrices (..., 2, 3) from keys (..., 3).
+
+    * ``"tanh"``: s, x, y = tanh(y0), tanh(y1), tanh(y2).
+    * ``"uniform"``: with u = Phi(y) the standard normal CDF (uniform on (0, 1) under the key
+      prior), s = base_scale (0.5 + u0) and x, y = (1 - s)(2 u - 1): every window lies inside
+      the memory, a prior key lands anywhere in it with the same density, and the scale, which
+      must match between the write and the read, varies over a narrow band around
+      ``base_scale`` = window / memory size (one memory pixel per window pixel).
+    """
+    if key_map == "tanh":
+        s, tx, ty = torch.tanh(keys).unbind(-1)
+    elif key_map == "uniform":
+        u0, u1, u2 = torch.special.ndtr(keys).unbind(-1)
+        s = base_scale * (0.5 + u0)
+        tx, ty = (1 - s) * (2 * u1 - 1), (1 - s) * (2 * u2 - 1)
+    else:
+        raise ValueError(f"key_map: expected one of {KEY_MAPS}, got {key_map!r}")
     zero = torch.zeros_like(s)
     return torch.stack(
         [torch.stack([s, zero, tx], -1), torch.stack([zero, s, ty], -1)], -2
@@ -64,11 +83,18 @@ class SpatialTransformerRead(PyroModule):
 
     ``forward(memory, keys)`` takes keys of shape (..., B, T, K, 3) (any leading sample
     dimensions, e.g. importance particles) and returns windows (..., B, T, K, C, h, w).
+    ``key_map`` and ``base_scale`` say how keys become windows (``key_to_theta``).
     """
 
-    def __init__(self, window: tuple[int, int]):
+    def __init__(self, window: tuple[int, int], key_map: str = "tanh", base_scale: float = 0.25):
         super().__init__()
         self.window = tuple(window)
+        self.key_map = key_map
+        self.base_scale = base_scale
+
+    def theta(self, keys: torch.Tensor) -> torch.Tensor:
+        """The affine matrices (..., 2, 3) of keys (..., 3) under this reader's key map."""
+        return key_to_theta(keys, self.key_map, self.base_scale)
 
     def grid(self, keys: torch.Tensor, B: int) -> torch.Tensor:
         """Sampling grid (B, n h, w, 2) of every window of keys (..., B, T, K, 3), stacked along height."""
@@ -80,7 +106,7 @@ class SpatialTransformerRead(PyroModule):
             )
         flat = keys.movedim(-4, 0).reshape(B, -1, KEY_DIM)     # (B, n, 3), n = windows per episode
         n = flat.shape[1]
-        theta = key_to_theta(flat).reshape(B * n, 2, 3)
+        theta = self.theta(flat).reshape(B * n, 2, 3)
         grid = F.affine_grid(theta, [B * n, 1, h, w], align_corners=False)  # (B n, h, w, 2)
         return grid.reshape(B, n * h, w, 2)
 

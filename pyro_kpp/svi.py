@@ -42,15 +42,16 @@ from .memory_use import diagnose
 from .optim import build_optimizer
 from .plots import reconstruction_rows, sample_rows, save_rows
 from .registry import MODELS, build_model
-from .schedules import key_kl_weight, kl_weight
+from .spatial import KEY_MAPS
+from .schedules import key_free_nats, key_kl_weight, kl_weight
 
 # CLI flag -> Config field, for the options that map one to one.
 FLAGS = {
     "model": "model", "preset": "preset", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
-    "kpp_write": "kpp_write", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
-    "key_kl_ramp": "key_kl_ramp",
+    "kpp_write": "kpp_write", "key_map": "key_map", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
+    "key_kl_ramp": "key_kl_ramp", "key_free_nats": "key_free_nats",
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
@@ -111,12 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
     p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
                                                  f"(0 = none; default {d.kl_warmup})")
+    p.add_argument("--key-map", choices=KEY_MAPS,
+                   help="K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key prior "
+                        f"spread uniformly over the memory at scales near window/memory (default {d.key_map})")
     p.add_argument("--key-kl-start", type=float, help="training-only weight of the key/address KL at the "
                                                       f"start (default {d.key_kl_start}: none)")
     p.add_argument("--key-kl-hold", type=int, help="steps the key KL weight stays at --key-kl-start "
                                                    f"(default {d.key_kl_hold})")
     p.add_argument("--key-kl-ramp", type=int, help="steps of the cosine ramp of the key KL weight to 1 "
                                                    f"(default {d.key_kl_ramp})")
+    p.add_argument("--key-free-nats", type=float, help="training-only free nats of the key/address KL per image "
+                                                       f"through the hold, falling to 0 over the ramp (default {d.key_free_nats})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
@@ -312,7 +318,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 x = x[mine]
                 beta, key_beta = kl_weight(cfg, step), key_kl_weight(cfg, step)
                 with pyro.validation_enabled(cfg.validate_every_step or step == first_step):
-                    loss = training_loss(model, x, elbo, kl_scale=beta, key_kl_scale=key_beta)
+                    loss = training_loss(model, x, elbo, kl_scale=beta, key_kl_scale=key_beta,
+                                         key_free_nats=key_free_nats(cfg, step))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 loss = world.average_gradients(model.parameters(), loss)   # global mean loss and gradient

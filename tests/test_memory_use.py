@@ -166,3 +166,23 @@ def test_key_weight_scales_only_the_key_kl(name):
     terms = {k: v.expand(lw.shape).mean() for k, v in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
     expected = sum(terms.values()) - 0.9 * terms["key_kl"]
     torch.testing.assert_close(weighted, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_free_nats_charge_at_least_that_much_for_the_keys():
+    """Below the free nats the key KL costs exactly the free nats (no gradient to the keys);
+    with none, the trace path equals Trace_ELBO's loss on the same draws."""
+    model = build_model(tiny_config()).eval()
+    x = _episodes()
+    pyro.set_rng_seed(5)
+    with model.reuse_embedding():
+        model_tr, guide_tr, lw = particle_traces(model, x, 1)
+    terms = {k: v.expand(lw.shape).mean() for k, v in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
+    free = float(terms["key_kl"]) + 10.0
+    pyro.set_rng_seed(5)
+    loss = training_loss(model, x, make_elbo("trace"), key_free_nats=free)
+    torch.testing.assert_close(loss, terms["reconstruction"] + terms["code_kl"] + free, rtol=1e-5, atol=1e-3)
+    assert float(terms["key_kl"]) > 0                        # so that free nats of 1e-9 change nothing
+    pyro.set_rng_seed(5)
+    tiny = training_loss(model, x, make_elbo("trace"), key_free_nats=1e-9)
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(tiny, training_loss(model, x, make_elbo("trace")), rtol=1e-5, atol=1e-3)

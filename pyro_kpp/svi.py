@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyro
@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed
+from . import distributed, rundir
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
-from .checkpoint import CHECKPOINT_NAME, ensure_writable, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, save_checkpoint
+from .cliargs import finite_float
 from .config import KM_READ_WRITE, PRESET_DEFAULTS, Config
 from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
     p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
                                                  f"(0 = none; default {d.kl_warmup})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
+    p.add_argument("--lr", type=finite_float, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--clip-norm", type=finite_float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
                                                      f"in a row, each skipped (default {d.max_nonfinite})")
     p.add_argument("--validate-every-step", action="store_true", default=None,
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on the first step of the run or resume only; they cost host syncs)")
     p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training time (minutes, "
+    p.add_argument("--max-minutes", type=finite_float, help="stop after this much training time (minutes, "
                                                       "evaluation excluded); checked after every step")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where to write checkpoints, metrics and images "
                                      "(default runs/<data>-<model>-<time>, or the resumed run)")
     p.add_argument("--resume", help="run directory or checkpoint file to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --run-dir that holds a run, deleting that run (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-steps", action="store_true", help="append each step's loss (the global mean over "
                                                            "ranks) and gradient norm to steps.jsonl")
@@ -184,17 +187,11 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric records past ``step``: a run killed after writing them but before its
-    checkpoint redoes that work on resume, and must not be counted twice."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+def nonfinite_stop(what: str, run_dir: Path) -> NonFiniteTraining:
+    """The error that stops training on non-finite values, saying truthfully what is left."""
+    path = run_dir / CHECKPOINT_NAME
+    kept = f"The last good checkpoint is kept at {path}" if path.exists() else "No checkpoint was written"
+    return NonFiniteTraining(f"training: {what}; stopped. {kept} (try a lower --lr or --clip-norm)")
 
 
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
@@ -214,13 +211,17 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     Under torchrun (``world``, see pyro_kpp.distributed) every rank trains on its slice of each
     global batch of ``cfg.batch_size`` episodes with averaged gradients; only rank 0 evaluates
-    and writes files, and only rank 0 returns metrics.
+    and writes files, and only rank 0 returns metrics. The caller holds ``run_dir`` (the CLI
+    does, with ``rundir.claim``: a lock against other writers, no overwriting of another run).
     """
     run_dir = Path(run_dir)
     world = world or distributed.init(cfg.device)
     device = world.device
     mine = world.episodes(cfg.batch_size)                   # this rank's slice of every global batch
     data = data_lib.load_dataset(cfg.data, cfg.data_dir)
+    fingerprint = rundir.data_fingerprint(data)
+    if resume_state is not None:
+        rundir.check_same_data(resume_state.get("data"), fingerprint, cfg.data_dir)
     cfg.image_shape = tuple(data.image_shape)
     episodes = make_episodes(cfg, data, device)
 
@@ -248,13 +249,13 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         world.restore_rng(resume_state["rng"], cfg.seed, step)
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if world.is_main:
-        ensure_writable(run_dir, needed_bytes=2 * 3 * state_bytes + 2**20)   # old + new, weights + Adam moments
+        ensure_writable(run_dir, needed_bytes=3 * state_bytes + 2**20)   # a new one: weights + Adam moments
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     elbo = make_elbo(cfg.elbo)
     metrics_path = run_dir / "metrics.jsonl"
     if resume_state is not None and world.is_main:
-        trim_metrics(metrics_path, step)
-        trim_metrics(run_dir / "steps.jsonl", step)
+        rundir.repair_metrics(metrics_path, step)
+        rundir.repair_metrics(run_dir / "steps.jsonl", step)
     history = []
     first_test = next(iter(episodes.test_episodes()))
     start_time = time.time()
@@ -269,6 +270,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     def write_checkpoint():
         rng = world.checkpoint_rng(model)                   # every rank's; checks they agree
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise nonfinite_stop(f"the weights became non-finite by step {step}", run_dir)
         if not world.is_main:
             return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
@@ -276,7 +279,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
             "train_seconds": train_seconds_total, "skipped": (skipped, nonfinite_in_row),
-            "rng": rng, "pyro_kpp_version": __import__("pyro_kpp").__version__,
+            "rng": rng, "pyro_kpp_version": __import__("pyro_kpp").__version__, "data": fingerprint,
         })
 
     def budget_left(seconds_this_epoch: float = 0.0) -> bool:
@@ -320,10 +323,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                     skipped += 1
                     nonfinite_in_row += 1
                     if nonfinite_in_row >= cfg.max_nonfinite:
-                        raise NonFiniteTraining(
-                            f"training: {nonfinite_in_row} steps in a row (up to step {step}) gave a non-finite "
-                            f"loss or gradient; stopped. The last good checkpoint is kept at "
-                            f"{run_dir / CHECKPOINT_NAME} (try a lower --lr or --clip-norm)")
+                        raise nonfinite_stop(f"{nonfinite_in_row} steps in a row (up to step {step}) gave a "
+                                             f"non-finite loss or gradient", run_dir)
                 epoch_step += 1
                 step += 1
                 if log_steps and world.is_main:
@@ -388,20 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        resume_state = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
+        resume = getattr(args, "resume", None)
+        resume_state = load_checkpoint(resume, require=RESUME_KEYS) if resume else None
         cfg = config_from_args(args, resume_state)
         world = distributed.init(cfg.device)
-        if getattr(args, "run_dir", None):
-            run_dir = Path(args.run_dir)
-        elif resume_state is not None:
-            run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        else:
-            run_dir = Path("runs") / f"{cfg.data}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_resume_targets(cfg, resume_state)
+        run_dir, fresh = rundir.choose(getattr(args, "run_dir", None), resume, cfg.data, cfg.model, world.is_main)
         if world.is_main:
             print(f"run directory: {run_dir}", file=sys.stderr)
-        check_resume_targets(cfg, resume_state)
-        history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
-                        log_steps=getattr(args, "log_steps", False), world=world)
+        with rundir.claim(run_dir, fresh, getattr(args, "overwrite", False)) if world.is_main else nullcontext():
+            history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
+                            log_steps=getattr(args, "log_steps", False), world=world)
     except Interrupted as stop:
         return 128 + stop.signum
     except (ValueError, TypeError, OSError, NonFiniteTraining) as exc:

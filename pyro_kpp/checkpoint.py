@@ -70,6 +70,18 @@ def _torch_save(obj, f) -> None:
         raise
 
 
+def nonfinite_entries(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` (a state dict) holding NaN or Inf.
+
+    No such weights are ever saved or loaded: they decode NaN images and train no further.
+    """
+    names = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()   # one host sync
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
 def ensure_writable(run_dir: str | os.PathLike, needed_bytes: int) -> Path:
     """Fail before training, with a clear message, if ``run_dir`` cannot hold our checkpoints."""
     run_dir = Path(run_dir)

@@ -34,7 +34,8 @@ from . import data as data_lib
 from . import distributed, rundir
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
-from .checkpoint import CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
+                         save_checkpoint)
 from .cliargs import finite_float
 from .config import KM_READ_WRITE, PRESET_DEFAULTS, Config
 from .interrupts import StopRequests
@@ -270,8 +271,9 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     def write_checkpoint():
         rng = world.checkpoint_rng(model)                   # every rank's; checks they agree
-        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
-            raise nonfinite_stop(f"the weights became non-finite by step {step}", run_dir)
+        bad = nonfinite_entries(model.state_dict())
+        if bad:
+            raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
         if not world.is_main:
             return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {

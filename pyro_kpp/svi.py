@@ -195,6 +195,14 @@ def nonfinite_stop(what: str, run_dir: Path) -> NonFiniteTraining:
     return NonFiniteTraining(f"training: {what}; stopped. {kept} (try a lower --lr or --clip-norm)")
 
 
+def check_finite_weights(model, step: int, run_dir: Path) -> None:
+    """Weights turned non-finite (an overflowing update) are never evaluated or saved; checked
+    once per epoch or stop, not per step (it waits for the device)."""
+    bad = nonfinite_entries(model.state_dict())
+    if bad:
+        raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
+
+
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
     images = run_dir / "images"
     images.mkdir(exist_ok=True)
@@ -271,9 +279,6 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     def write_checkpoint():
         rng = world.checkpoint_rng(model)                   # every rank's; checks they agree
-        bad = nonfinite_entries(model.state_dict())
-        if bad:
-            raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
         if not world.is_main:
             return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
@@ -340,6 +345,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 if interrupted or not budget_left(time.time() - epoch_start):
                     break
             bar.close()
+            check_finite_weights(model, step, run_dir)
             if interrupted:
                 train_seconds_total += time.time() - epoch_start
                 checkpoint()

@@ -150,6 +150,9 @@ class DynamicKanervaMachine(EpisodicModel):
                                           dtype=z_loc.dtype) if sample_z else z_loc
         return self.decode(z)
 
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.prior.memory_shapes()
+
     @contextlib.contextmanager
     def _addressing(self, memory: Memory):
         """Inside: ``infer_keys`` solves addresses against ``memory``."""

@@ -93,6 +93,11 @@ class MemoryPrior(PyroModule):
     def dist(self) -> MatrixNormal:
         return MatrixNormal(self.loc, self.scale_tril())
 
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """(R, U) of a memory with this prior: the K x L mean and the K x K row covariance."""
+        K, L = self.loc.shape
+        return (K, L), (K, K)
+
 
 class KanervaMachine(EpisodicModel):
     """KM: a matrix-normal memory written by Bayes' rule, read through learned addresses."""
@@ -183,3 +188,6 @@ class KanervaMachine(EpisodicModel):
         z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
                                           dtype=z_loc.dtype) if sample_z else z_loc
         return self.decode(z)
+
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.prior.memory_shapes()

@@ -123,3 +123,7 @@ class KanervaPlusPlus(EpisodicModel):
         z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
                                           dtype=z_loc.dtype) if sample_z else z_loc
         return self.decode(z)
+
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """M: one (C, H, W) block per episode."""
+        return (tuple(self.cfg.memory_shape),)

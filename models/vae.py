@@ -69,3 +69,7 @@ class VAE(EpisodicModel):
         """Likelihood parameters (B, N, C', H, W) of the codes ``keys`` (B, N, L); the memory is unused."""
         check_keys(memory, keys, (self.cfg.code_size,), "codes z")
         return self.decode(keys)
+
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Nothing per episode: the (B, 0) placeholder of ``write``."""
+        return ((0,),)

@@ -5,6 +5,10 @@
     images = pyro_kpp.sample(memory, n=16)           # (B, 16, C, H, W) probabilities
     images = pyro_kpp.sample(memory, keys, binary=True)          # drawn from the likelihood
     pixels = pyro_kpp.sample(memory, binary=True, as_uint8=True)  # uint8 0..255 (8-bit models)
+
+Dtypes: floating-point episodes and keys of any precision (numpy's float64, float16,
+bfloat16) are converted to the model's dtype here; integer episodes are refused, since 0..255
+and 0/1 images would be ambiguous. The model's own methods take the model's dtype only.
 """
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import os
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, nonfinite_entries
 from .config import Config
 from .device import resolve_device
-from .episodic import EpisodicModel, Memory
+from .episodic import EpisodicModel, Memory, require_memory
 from .registry import build_model
+
+#: Images decoded per ``generate`` call in ``sample``: bounds its working memory whatever ``n`` is.
+SAMPLE_CHUNK = 256
 
 
 def model_from_state(state: dict, device: torch.device | str = "cpu") -> EpisodicModel:
@@ -27,6 +34,10 @@ def model_from_state(state: dict, device: torch.device | str = "cpu") -> Episodi
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise ValueError(f"checkpoint: its weights do not fit a {cfg.model!r} model with this config: {exc}") from None
+    bad = nonfinite_entries(state["model"])
+    if bad:
+        raise ValueError(f"checkpoint: {len(bad)} weight tensors hold NaN or Inf values (e.g. {bad[0]}); "
+                         f"the run diverged before this checkpoint was saved")
     return model.to(device)
 
 
@@ -54,6 +65,8 @@ def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
     if not isinstance(model, EpisodicModel):
         raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
     x = _as_batch(model, episode)
+    if x.is_floating_point():
+        x = x.to(model.dtype)
     model.check_episode(x, "episode")
     return model.write(x)
 
@@ -73,13 +86,21 @@ def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary
     0/1 pixels (Bernoulli) or 8-bit levels k/255 (dmol). ``as_uint8=True`` returns uint8
     grey levels round(255 * value), 0..255 (for dmol samples: the 8-bit image itself).
     """
-    if not isinstance(memory, Memory):
-        raise TypeError(f"memory: expected a Memory from pyro_kpp.write, got {type(memory).__name__}")
-    model = memory.model
+    model = require_memory(memory).model
+    model.check_memory(memory)
     if keys is None:
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive number of samples, got {n!r}")
         keys = model.prior_keys(memory, n, generator=generator)
-    params = model.generate(memory, keys, sample_z=sample_z, generator=generator)
-    images = model.likelihood.sample(params, generator=generator) if binary else model.likelihood.mean(params)
-    return (images * 255).round().to(torch.uint8) if as_uint8 else images
+    elif isinstance(keys, torch.Tensor) and keys.is_floating_point():
+        keys = keys.to(model.dtype)
+    if isinstance(keys, torch.Tensor) and keys.dim() >= 2:       # in chunks of images: bounded working memory
+        chunks = keys.split(max(1, SAMPLE_CHUNK // memory.episodes), dim=1)
+    else:                                                        # generate's check says what keys it expects
+        chunks = [keys]
+    parts = []
+    for chunk in chunks:
+        params = model.generate(memory, chunk, sample_z=sample_z, generator=generator)
+        images = model.likelihood.sample(params, generator=generator) if binary else model.likelihood.mean(params)
+        parts.append((images * 255).round().to(torch.uint8) if as_uint8 else images)
+    return torch.cat(parts, dim=1)

@@ -23,6 +23,10 @@ import torch
 FORMAT = "pyro_kpp.checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Entries every checkpoint has (enough to rebuild the model), and those resuming training needs.
+MODEL_KEYS = ("config", "model", "step")
+RESUME_KEYS = (*MODEL_KEYS, "optimizer", "scheduler", "epoch", "epoch_step", "epoch_loss", "train_seconds",
+               "skipped", "rng")
 
 
 class CheckpointError(ValueError):
@@ -36,7 +40,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
+            _torch_save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +53,33 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _torch_save(obj, f) -> None:
+    """``torch.save``, with a failed write of the file reported as the OSError it is.
+
+    torch's zip writer turns an error of the file's ``write`` (ENOSPC, EFBIG, EIO) into a
+    ``RuntimeError`` ("unexpected pos ...") whose context is that OSError; callers handle disk
+    errors as OSError, with a one-line message.
+    """
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
+
+
+def nonfinite_entries(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` (a state dict) holding NaN or Inf.
+
+    No such weights are ever saved or loaded: they decode NaN images and train no further.
+    """
+    names = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()   # one host sync
+    return [k for k, ok in zip(names, finite) if not ok]
 
 
 def ensure_writable(run_dir: str | os.PathLike, needed_bytes: int) -> Path:
@@ -80,8 +111,11 @@ def find_checkpoint(location: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(location: str | os.PathLike, map_location="cpu") -> dict:
-    """Read and check a checkpoint; errors name the file and what is wrong with it."""
+def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Read and check a checkpoint; errors name the file and what is wrong with it.
+
+    ``require``: the entries the caller needs (``RESUME_KEYS`` to resume training).
+    """
     path = find_checkpoint(location)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
@@ -92,6 +126,9 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu") -> dict:
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint: {path} has format version {state.get('format_version')!r}, "
                               f"this pyro_kpp reads version {FORMAT_VERSION}")
+    missing = [key for key in require if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint: {path} lacks {missing} (damaged, or not written by pyro_kpp.svi)")
     return state
 
 

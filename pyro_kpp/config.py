@@ -7,12 +7,23 @@ dimension 3) and otherwise chosen so an Omniglot epoch takes well under a minute
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .likelihoods import LIKELIHOODS
 from .spatial import KEY_MAPS
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+#: Explicit upgrades of saved configs: MIGRATIONS[v] maps a version-v dict to a version-(v + 1)
+#: one, e.g. adding a new field with the value that reproduces what older code did. A field a
+#: saved config lacks is otherwise an error, never filled in silently with today's default.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {
+    # 1 -> 2: the K++ memory-use options; a version-1 run wrote with f_mem alone, read through
+    # tanh keys and trained its keys at the full KL weight.
+    1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
+                  "key_kl_ramp": 0, "key_free_nats": 0.0, **d, "version": 2},
+}
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
 DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
@@ -115,12 +126,14 @@ class Config:
             raise ValueError(f"kl_warmup: expected a non-negative integer number of steps, got {self.kl_warmup!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise ValueError(f"max_minutes: expected a positive number of minutes or None, got {self.max_minutes!r}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes: expected a positive integer or None, got {self.eval_episodes!r}")
-        if not (self.lr > 0):
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if not (0 < self.lr < math.inf):
+            raise ValueError(f"lr: expected a positive, finite learning rate, got {self.lr!r}")
+        if not (0 <= self.clip_norm < math.inf):
+            raise ValueError(f"clip_norm: expected a finite norm >= 0 (0 disables clipping), got {self.clip_norm!r}")
         if len(self.memory_shape) != 3 or min(self.memory_shape) < 1:
             raise ValueError(f"memory_shape: expected three positive sizes C,H,W, got {self.memory_shape!r}")
         _, mh, mw = self.memory_shape
@@ -152,6 +165,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """The config saved in a checkpoint, upgraded by ``MIGRATIONS``; every field must be present."""
+        while d.get("version") in MIGRATIONS:
+            d = MIGRATIONS[d["version"]](dict(d))
         if d.get("version") != CONFIG_VERSION:
             raise ValueError(
                 f"config: this checkpoint's config has version {d.get('version')!r}, "
@@ -161,4 +177,8 @@ class Config:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"config: unknown fields {unknown} (written by another pyro_kpp version?)")
+        missing = sorted(known - set(d))
+        if missing:
+            raise ValueError(f"config: missing fields {missing}; a version-{CONFIG_VERSION} config must have every "
+                             f"field (a damaged checkpoint?)")
         return cls(**d)

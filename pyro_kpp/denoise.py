@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cliargs import finite_float, positive_int
 from .episodic import EpisodicModel
 from .generation import FEEDBACKS, IterativeReading, iterative_read
 from .noise import NOISES, binarize_pair, corrupt, get_noise
@@ -140,13 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     for n in NOISES.values()))
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
     p.add_argument("--noise", required=True, choices=sorted(NOISES))
-    p.add_argument("--level", type=float, default=None, help="noise level (meaning depends on the noise, see below)")
+    p.add_argument("--level", type=finite_float, default=None, help="noise level (meaning depends on the noise, see below)")
     p.add_argument("--steps", type=int, default=10, help="iterative-reading steps (K++ Fig. 6: 10)")
     p.add_argument("--episodes", type=int, default=None, help="test episodes to score (default: all)")
     p.add_argument("--write-from", choices=WRITE_FROM, default="noisy", help="episode the memory is written from")
     p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what each step feeds back")
     p.add_argument("--out", default=None, help="PNG figure of the first test episode (default: none)")
-    p.add_argument("--show", type=int, default=8, help="images of the first episode in the figure")
+    p.add_argument("--show", type=positive_int, default=8, help="images of the first episode in the figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, binarization and feedback draws")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")

@@ -43,11 +43,20 @@ class Memory:
         return (v[0] if isinstance(v, tuple) else v).shape[0]
 
 
+def require_memory(memory, argname: str = "memory") -> Memory:
+    """``memory`` itself, if it is a ``Memory``; else a TypeError naming ``argname``."""
+    if not isinstance(memory, Memory):
+        raise TypeError(f"{argname}: expected a Memory (from model.write), got {type(memory).__name__}")
+    return memory
+
+
 def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], what: str = "") -> None:
     """Keys for reading ``memory`` must be (B, N, *key_shape), finite, with the memory's B.
 
-    ``what`` names the keys in the message (e.g. "addresses y"); empty for plain keys.
+    ``what`` names the keys in the message (e.g. "addresses y"); empty for plain keys. The
+    memory itself is checked against the model that wrote it (``EpisodicModel.check_memory``).
     """
+    require_memory(memory).model.check_memory(memory)
     B = memory.episodes
     expected = ", ".join(map(str, (B, "N", *key_shape)))
     if not isinstance(keys, torch.Tensor) or keys.dim() != 2 + len(key_shape) or keys.shape[0] != B \
@@ -55,8 +64,18 @@ def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], w
         got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
         named = f"{what} of " if what else ""
         raise ValueError(f"keys: expected {named}shape ({expected}) for this memory of {B} episodes, got {got}")
+    dtype = memory.model.dtype
+    if keys.dtype != dtype:
+        raise TypeError(f"keys: expected dtype {dtype} (the model's), got {keys.dtype}; pyro_kpp.sample converts")
     if not bool(torch.isfinite(keys).all()):
         raise ValueError("keys: contains NaN or Inf values")
+
+
+def _fits(value, shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """``value`` is a tuple of tensors (B, *shape), one per shape, with one B >= 1."""
+    return (isinstance(value, tuple) and len(value) == len(shapes)
+            and all(isinstance(v, torch.Tensor) and tuple(v.shape[1:]) == s for v, s in zip(value, shapes))
+            and len({v.shape[0] for v in value}) == 1 and value[0].shape[0] >= 1)
 
 
 class EpisodicModel(PyroModule):
@@ -98,11 +117,44 @@ class EpisodicModel(PyroModule):
                              f"got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{argname}: expected a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{argname}: expected dtype {self.dtype} (the model's), got {x.dtype}; "
+                            f"pyro_kpp.write converts floating-point episodes")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{argname}: expected at least one episode of at least one image, got shape "
+                             f"{tuple(x.shape)}")
         if is_validation_enabled():
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{argname}: contains NaN or Inf values")
             self.likelihood.check(x, argname)
         return x.shape[0], x.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype: episodes, keys and memories must have it (torch does not mix dtypes)."""
+        return next(self.parameters()).dtype
+
+    def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-episode shapes of the tensors of the memory value (one shape: a tensor, else a tuple)."""
+        raise NotImplementedError
+
+    def check_memory(self, memory: Memory, argname: str = "memory") -> None:
+        """A memory this model reads must be one it could have written: a ``Memory`` of this
+        model whose value has B >= 1 episodes of ``memory_shapes()``, the model's dtype and,
+        while Pyro's validation is enabled, finite values (a NaN memory decodes NaN images)."""
+        if require_memory(memory, argname).model is not self:
+            raise ValueError(f"{argname}: it was written by another model; read it with the model that wrote it")
+        shapes = self.memory_shapes()
+        value = memory.value if len(shapes) > 1 else (memory.value,)
+        if not _fits(value, shapes):
+            expected = " and ".join(f"(B, {', '.join(map(str, s))})" for s in shapes)
+            got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                   for v in (value if isinstance(value, tuple) else (value,))]
+            raise ValueError(f"{argname}: expected a {self.cfg.model} memory of shape {expected}, B >= 1, got {got}")
+        if any(v.dtype != self.dtype for v in value):
+            raise TypeError(f"{argname}: expected dtype {self.dtype} (the model's), got {[v.dtype for v in value]}")
+        if is_validation_enabled() and not all(bool(torch.isfinite(v).all()) for v in value):
+            raise ValueError(f"{argname}: contains NaN or Inf values")
 
     # -- shared embedding -----------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:

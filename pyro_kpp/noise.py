@@ -26,6 +26,7 @@ commute with this binarization (their replaced pixels are exactly 0 or 1).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,8 +61,8 @@ def salt_and_pepper(x: torch.Tensor, amount: float, generator: torch.Generator |
 def speckle(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multiplicative Gaussian noise x (1 + n), n ~ N(0, std^2), clipped to [0, 1]."""
     _check_images(x)
-    if not std >= 0.0:
-        raise ValueError(f"std: expected a non-negative standard deviation, got {std!r}")
+    if not 0.0 <= std < math.inf:
+        raise ValueError(f"std: expected a finite, non-negative standard deviation, got {std!r}")
     n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x + x * std * n).clamp(0.0, 1.0)
 
@@ -69,8 +70,8 @@ def speckle(x: torch.Tensor, std: float, generator: torch.Generator | None = Non
 def poisson(x: torch.Tensor, peak: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shot noise Poisson(peak x) / peak, clipped to [0, 1] (smaller ``peak``: more noise)."""
     _check_images(x)
-    if not peak > 0.0:
-        raise ValueError(f"peak: expected a positive count for grey level 1, got {peak!r}")
+    if not 0.0 < peak < math.inf:
+        raise ValueError(f"peak: expected a positive, finite count for grey level 1, got {peak!r}")
     counts = torch.poisson(x * peak, generator=generator)
     return (counts / peak).clamp(0.0, 1.0)
 
@@ -83,7 +84,7 @@ def blocks(x: torch.Tensor, count: float = 1, generator: torch.Generator | None 
     of a pixel are covered together.
     """
     _check_images(x)
-    if float(count) != int(count) or count < 0:
+    if not math.isfinite(count) or float(count) != int(count) or count < 0:
         raise ValueError(f"count: expected a non-negative whole number of blocks, got {count!r}")
     H, W = x.shape[-2:]
     if not isinstance(size, int) or not 1 <= size <= min(H, W):

@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyro
@@ -31,10 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed
+from . import distributed, rundir
 from .api import model_from_state
 from .bound import evaluate, make_elbo, training_loss
-from .checkpoint import CHECKPOINT_NAME, ensure_writable, load_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
+                         save_checkpoint)
+from .cliargs import finite_float
 from .config import KM_READ_WRITE, KPP_WRITES, PRESET_DEFAULTS, Config
 from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
@@ -115,16 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-map", choices=KEY_MAPS,
                    help="K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key prior "
                         f"spread uniformly over the memory at scales near window/memory (default {d.key_map})")
-    p.add_argument("--key-kl-start", type=float, help="training-only weight of the key/address KL at the "
+    p.add_argument("--key-kl-start", type=finite_float, help="training-only weight of the key/address KL at the "
                                                       f"start (default {d.key_kl_start}: none)")
     p.add_argument("--key-kl-hold", type=int, help="steps the key KL weight stays at --key-kl-start "
                                                    f"(default {d.key_kl_hold})")
     p.add_argument("--key-kl-ramp", type=int, help="steps of the cosine ramp of the key KL weight to 1 "
                                                    f"(default {d.key_kl_ramp})")
-    p.add_argument("--key-free-nats", type=float, help="training-only free nats of the key/address KL per image "
+    p.add_argument("--key-free-nats", type=finite_float, help="training-only free nats of the key/address KL per image "
                                                        f"through the hold, falling to 0 over the ramp (default {d.key_free_nats})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--clip-norm", type=float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
+    p.add_argument("--lr", type=finite_float, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--clip-norm", type=finite_float, help=f"global grad-norm clip, 0 = off (default {d.clip_norm})")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses or gradients "
                                                      f"in a row, each skipped (default {d.max_nonfinite})")
     p.add_argument("--validate-every-step", action="store_true", default=None,
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on the first step of the run or resume only; they cost host syncs)")
     p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training time (minutes, "
+    p.add_argument("--max-minutes", type=finite_float, help="stop after this much training time (minutes, "
                                                       "evaluation excluded); checked after every step")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where to write checkpoints, metrics and images "
                                      "(default runs/<data>-<model>-<time>, or the resumed run)")
     p.add_argument("--resume", help="run directory or checkpoint file to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --run-dir that holds a run, deleting that run (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-steps", action="store_true", help="append each step's loss (the global mean over "
                                                            "ranks) and gradient norm to steps.jsonl")
@@ -204,17 +208,19 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric records past ``step``: a run killed after writing them but before its
-    checkpoint redoes that work on resume, and must not be counted twice."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+def nonfinite_stop(what: str, run_dir: Path) -> NonFiniteTraining:
+    """The error that stops training on non-finite values, saying truthfully what is left."""
+    path = run_dir / CHECKPOINT_NAME
+    kept = f"The last good checkpoint is kept at {path}" if path.exists() else "No checkpoint was written"
+    return NonFiniteTraining(f"training: {what}; stopped. {kept} (try a lower --lr or --clip-norm)")
+
+
+def check_finite_weights(model, step: int, run_dir: Path) -> None:
+    """Weights turned non-finite (an overflowing update) are never evaluated or saved; checked
+    once per epoch or stop, not per step (it waits for the device)."""
+    bad = nonfinite_entries(model.state_dict())
+    if bad:
+        raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
 
 
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
@@ -234,13 +240,17 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     Under torchrun (``world``, see pyro_kpp.distributed) every rank trains on its slice of each
     global batch of ``cfg.batch_size`` episodes with averaged gradients; only rank 0 evaluates
-    and writes files, and only rank 0 returns metrics.
+    and writes files, and only rank 0 returns metrics. The caller holds ``run_dir`` (the CLI
+    does, with ``rundir.claim``: a lock against other writers, no overwriting of another run).
     """
     run_dir = Path(run_dir)
     world = world or distributed.init(cfg.device)
     device = world.device
     mine = world.episodes(cfg.batch_size)                   # this rank's slice of every global batch
     data = data_lib.load_dataset(cfg.data, cfg.data_dir)
+    fingerprint = rundir.data_fingerprint(data)
+    if resume_state is not None:
+        rundir.check_same_data(resume_state.get("data"), fingerprint, cfg.data_dir)
     cfg.image_shape = tuple(data.image_shape)
     episodes = make_episodes(cfg, data, device)
 
@@ -268,13 +278,13 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         world.restore_rng(resume_state["rng"], cfg.seed, step)
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if world.is_main:
-        ensure_writable(run_dir, needed_bytes=2 * 3 * state_bytes + 2**20)   # old + new, weights + Adam moments
+        ensure_writable(run_dir, needed_bytes=3 * state_bytes + 2**20)   # a new one: weights + Adam moments
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     elbo = make_elbo(cfg.elbo)
     metrics_path = run_dir / "metrics.jsonl"
     if resume_state is not None and world.is_main:
-        trim_metrics(metrics_path, step)
-        trim_metrics(run_dir / "steps.jsonl", step)
+        rundir.repair_metrics(metrics_path, step)
+        rundir.repair_metrics(run_dir / "steps.jsonl", step)
     history = []
     first_test = next(iter(episodes.test_episodes()))
     start_time = time.time()
@@ -296,7 +306,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "epoch_loss": (loss_sum, loss_count),
             "train_seconds": train_seconds_total, "skipped": (skipped, nonfinite_in_row),
-            "rng": rng, "pyro_kpp_version": __import__("pyro_kpp").__version__,
+            "rng": rng, "pyro_kpp_version": __import__("pyro_kpp").__version__, "data": fingerprint,
         })
 
     def budget_left(seconds_this_epoch: float = 0.0) -> bool:
@@ -337,10 +347,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                     skipped += 1
                     nonfinite_in_row += 1
                     if nonfinite_in_row >= cfg.max_nonfinite:
-                        raise NonFiniteTraining(
-                            f"training: {nonfinite_in_row} steps in a row (up to step {step}) gave a non-finite "
-                            f"loss or gradient; stopped. The last good checkpoint is kept at "
-                            f"{run_dir / CHECKPOINT_NAME} (try a lower --lr or --clip-norm)")
+                        raise nonfinite_stop(f"{nonfinite_in_row} steps in a row (up to step {step}) gave a "
+                                             f"non-finite loss or gradient", run_dir)
                 epoch_step += 1
                 step += 1
                 if log_steps and world.is_main:
@@ -354,6 +362,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 if interrupted or not budget_left(time.time() - epoch_start):
                     break
             bar.close()
+            check_finite_weights(model, step, run_dir)
             if interrupted:
                 train_seconds_total += time.time() - epoch_start
                 checkpoint()
@@ -410,20 +419,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        resume_state = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
+        resume = getattr(args, "resume", None)
+        resume_state = load_checkpoint(resume, require=RESUME_KEYS) if resume else None
         cfg = config_from_args(args, resume_state)
         world = distributed.init(cfg.device)
-        if getattr(args, "run_dir", None):
-            run_dir = Path(args.run_dir)
-        elif resume_state is not None:
-            run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        else:
-            run_dir = Path("runs") / f"{cfg.data}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_resume_targets(cfg, resume_state)
+        run_dir, fresh = rundir.choose(getattr(args, "run_dir", None), resume, cfg.data, cfg.model, world.is_main)
         if world.is_main:
             print(f"run directory: {run_dir}", file=sys.stderr)
-        check_resume_targets(cfg, resume_state)
-        history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
-                        log_steps=getattr(args, "log_steps", False), world=world)
+        with rundir.claim(run_dir, fresh, getattr(args, "overwrite", False)) if world.is_main else nullcontext():
+            history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
+                            log_steps=getattr(args, "log_steps", False), world=world)
     except Interrupted as stop:
         return 128 + stop.signum
     except (ValueError, TypeError, OSError, NonFiniteTraining) as exc:

@@ -9,6 +9,7 @@ from PIL import Image
 
 import pyro_kpp
 from pyro_kpp import generation as G
+from pyro_kpp.generation.__main__ import main as generation_main
 from pyro_kpp.data import DataError, ImageData, class_episodes
 from pyro_kpp.registry import MODELS, build_model
 
@@ -139,7 +140,7 @@ def test_generation_cli_writes_each_figure(tiny_run, tmp_path, mode, capsys):
     args = [str(tiny_run), mode, "--out", str(out), "-n", "4", "--steps", "2"]
     if mode == "one-shot":
         args += ["--classes", "4"]
-    assert G.main(args) == 0
+    assert generation_main(args) == 0
     with Image.open(out) as im:
         assert im.size[0] > 100 and im.size[1] > 50
     assert "wrote" in capsys.readouterr().out

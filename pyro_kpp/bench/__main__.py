@@ -54,12 +54,14 @@ def positive(name: str, value, default):
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     sections = parse_sections(args.sections)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; expected a folder for bench.json, plots and profiles")
     ctx = Context(sizes=Sizes(args.quick), data=load_dataset("omniglot", args.data_dir),
                   device=resolve_device(args.device),
                   repeats=int(positive("repeats", args.repeats, 2 if args.quick else 5)),
                   budget=positive("budget", args.budget, 2.0 if args.quick else 60.0),
                   eval_episodes=int(positive("eval_episodes", args.eval_episodes, 2 if args.quick else 64)))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results: dict = {}
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args, argv)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     return 0
 

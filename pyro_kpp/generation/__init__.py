@@ -33,14 +33,12 @@ Choices where the papers are silent or where the interface differs (also in the 
 """
 from __future__ import annotations
 
-import argparse
-import sys
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .episodic import EpisodicModel, Memory
+from ..episodic import EpisodicModel, Memory
 
 FEEDBACKS = ("sample", "threshold")
 PERTURBATION_STD = 0.1  # K++ §4.1.1
@@ -78,10 +76,7 @@ def _check_positive(argname: str, value) -> int:
 def _check_memory(model: EpisodicModel, memory: Memory) -> None:
     if not isinstance(model, EpisodicModel):
         raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
-    if not isinstance(memory, Memory):
-        raise TypeError(f"memory: expected a Memory (from model.write), got {type(memory).__name__}")
-    if memory.model is not model:
-        raise ValueError("memory: it was written by another model; read it with the model that wrote it")
+    model.check_memory(memory)
 
 
 def feed_back(model: EpisodicModel, params: torch.Tensor, feedback: str = "sample",
@@ -154,8 +149,8 @@ def perturbed_keys(keys: torch.Tensor, n: int, std: float = PERTURBATION_STD,
     j * n .. j * n + n - 1.
     """
     _check_positive("n", n)
-    if not std >= 0:
-        raise ValueError(f"std: expected a non-negative standard deviation, got {std!r}")
+    if not 0 <= std < math.inf:
+        raise ValueError(f"std: expected a finite, non-negative standard deviation, got {std!r}")
     base = keys.repeat_interleave(n, dim=1)
     return base + std * torch.randn(base.shape, generator=generator, device=base.device, dtype=base.dtype)
 
@@ -184,7 +179,8 @@ def interpolate(model: EpisodicModel, memory: Memory, x: torch.Tensor, i: int, j
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m pyro_kpp.generation RUN_DIR MODE --out FIGURE.png
+# Figures; the command line ``python -m pyro_kpp.generation RUN_DIR MODE --out FIGURE.png`` is in
+# __main__.py, so that running it does not execute this module a second time (runpy's warning)
 # ---------------------------------------------------------------------------------------------
 
 MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")
@@ -225,59 +221,10 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
         return head + list(probs), ["episode"] * len(head) + ["random keys"] + [
             f"step {s}" for s in range(1, steps + 1)]
     if mode == "interpolate":
+        if x.shape[1] < 2:
+            raise ValueError(f"x: interpolate needs episodes of at least 2 images, got {x.shape[1]}")
         pairs = [(2 * r, 2 * r + 1) for r in range(min(4, x.shape[1] // 2))]
         rows = [mean(interpolate(model, memory, x, a, b, n))[0] for a, b in pairs]
         return rows, [f"image {a} -> {b}" for a, b in pairs]
     reading = iterative_read(model, memory, x, steps, feedback, generator=generator)
     return [x[0, :n], *reading.means()[:, 0, :n]], ["episode"] + [f"step {s}" for s in range(1, steps + 1)]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pyro_kpp.generation", description=(
-        "Figures read from a memory written from one test episode: random or perturbed-key "
-        "generations, iterative clean-up, one-shot generation from an episode of a few "
-        "characters, interpolation, iterative reading."))
-    p.add_argument("run_dir", help="run directory (or checkpoint file)")
-    p.add_argument("mode", choices=MODES)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("-n", type=int, default=8, help="images per row")
-    p.add_argument("--steps", type=int, default=10, help="iterations (clean-up, one-shot, iterative-read)")
-    p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what iterative reading feeds back")
-    p.add_argument("--std", type=float, default=PERTURBATION_STD, help="key perturbation std (perturbed)")
-    p.add_argument("--classes", type=int, default=2, help="characters in the one-shot episode (KM: 2, 4, 12)")
-    p.add_argument("-T", "--episode-length", type=int, default=None,
-                   help="images in the written episode (default: the run's; one-shot: 12, as KM Fig. 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import data as data_lib
-    from .api import load
-    from .plots import rows_figure
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        model = load(args.run_dir)
-        cfg = model.cfg
-        data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
-        binarize = model.likelihood.binarized
-        if args.mode == "one-shot":
-            T = args.episode_length or 12
-            x, _ = data_lib.class_episodes(data, args.classes, T, seed=args.seed, binarize=binarize)
-        else:
-            T = args.episode_length or cfg.episode_length
-            x = next(iter(data_lib.Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
-        gen = torch.Generator().manual_seed(args.seed)
-        rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
-        rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
-    except (ValueError, TypeError, OSError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {Path(args.out)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

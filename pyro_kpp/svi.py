@@ -52,7 +52,8 @@ FLAGS = {
     "model": "model", "preset": "preset", "data": "data", "data_dir": "data_dir", "likelihood": "likelihood",
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
-    "kpp_write": "kpp_write", "key_map": "key_map", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
+    "kpp_write": "kpp_write", "key_map": "key_map", "kpp_posterior": "kpp_posterior",
+    "kpp_block_res": "kpp_block_res", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
     "key_kl_ramp": "key_kl_ramp", "key_free_nats": "key_free_nats",
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo", choices=["trace", "meanfield"], help=f"Pyro ELBO (default {d.elbo})")
     p.add_argument("--kl-warmup", type=int, help=f"steps over which the KL weight rises from 0 to 1 "
                                                  f"(0 = none; default {d.kl_warmup})")
+    p.add_argument("--kpp-block-res", type=int, help="K++ addressed write: resolution of each written block, "
+                                                     "upsampled to the window (default 0: the window's)")
+    p.add_argument("--kpp-posterior", choices=["x", "read"],
+                   help="K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
+                        f"p(z|M,y) at the sampled keys (default {d.kpp_posterior})")
     p.add_argument("--key-map", choices=KEY_MAPS,
                    help="K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key prior "
                         f"spread uniformly over the memory at scales near window/memory (default {d.key_map})")

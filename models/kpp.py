@@ -67,7 +67,7 @@ class KanervaPlusPlus(EpisodicModel):
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
                           spectral_norm=dense_spectral_norm(cfg),     # App. E (paper preset)
-                          reads_memory=cfg.kpp_posterior == "read")
+                          reads_memory=cfg.kpp_posterior == "read", key_min_scale=cfg.key_min_scale)
         if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x r x r
             self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * self.block_res() ** 2, cfg.hidden, 1,
                                       dense_spectral_norm(cfg))

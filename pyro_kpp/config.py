@@ -22,7 +22,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     # 1 -> 2: the K++ memory-use options; a version-1 run wrote with f_mem alone, read through
     # tanh keys and trained its keys at the full KL weight.
     1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
-                  "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0, **d,
+                  "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0,
+                  "key_min_scale": 0.0, "kl_weight": 1.0, **d,
                   "version": 2},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
@@ -67,6 +68,7 @@ class Config:
     kpp_write: str = "pooled"
     key_map: str = "tanh"             # K++ keys -> windows (pyro_kpp.spatial.KEY_MAPS): "tanh" or "uniform"
     kpp_block_res: int = 0            # K++ addressed write: resolution r of each written block (0: the window's)
+    key_min_scale: float = 0.0        # K++: added to every standard deviation of q(y|X) (0: the paper's family)
     kpp_posterior: str = "x"          # K++ code posterior: "x" = q(z | X) (§3.5); "read" = q(z | X, M, y)
     writer_channels: int | None = None  # base channels of f_mem; None = by preset (cpu 64, paper 256)
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
@@ -84,6 +86,7 @@ class Config:
     elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
     lr: float = 1e-3
     kl_warmup: int = 1000             # steps of linear KL warm-up from 0 to 1 (0: the plain ELBO throughout)
+    kl_weight: float = 1.0            # training-only constant weight of every KL after the warm-up (experiments)
     # Training-only weight of the key / address KL (K++ keys, KM y, DKM w), on top of the warm-up:
     # key_kl_start for key_kl_hold steps, then a cosine ramp to 1 over key_kl_ramp steps
     # (pyro_kpp.schedules). Every reported bound weights it 1.
@@ -151,6 +154,8 @@ class Config:
         if not isinstance(self.kpp_block_res, int) or not 0 <= self.kpp_block_res <= self.window:
             raise ValueError(f"kpp_block_res: expected 0 (the window) or a resolution 1..{self.window}, "
                              f"got {self.kpp_block_res!r}")
+        if not 0 <= self.key_min_scale < float("inf"):
+            raise ValueError(f"key_min_scale: expected a non-negative finite number, got {self.key_min_scale!r}")
         if self.kpp_posterior not in ("x", "read"):
             raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:
@@ -161,6 +166,8 @@ class Config:
                 raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
         if not 0 <= self.key_free_nats < float("inf"):
             raise ValueError(f"key_free_nats: expected a non-negative finite number, got {self.key_free_nats!r}")
+        if not 0 < self.kl_weight <= 1:
+            raise ValueError(f"kl_weight: expected a weight in (0, 1], got {self.kl_weight!r}")
         if not 0 < self.key_kl_start <= 1:
             raise ValueError(f"key_kl_start: expected a weight in (0, 1], got {self.key_kl_start!r}")
         if self.km_read_write not in KM_READ_WRITE:

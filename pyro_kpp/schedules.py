@@ -4,7 +4,9 @@ Neither ever touches a reported figure: every bound that is printed or logged as
 weights every KL by 1.
 
 * ``kl_weight``: the KL warm-up of every latent, linear from 0 to 1 over ``Config.kl_warmup``
-  steps (Bowman et al., 2016; Sønderby et al., 2016).
+  steps (Bowman et al., 2016; Sønderby et al., 2016), times ``Config.kl_weight`` (1 unless an
+  experiment says otherwise: ``--kl-weight 1/T`` trains under the scaling of a public DKM port
+  that divides the KL by T twice, README "Memory use"; never a reported bound).
 * ``key_kl_weight``: an extra weight on the key / address KL alone (K++ keys y, KM addresses y,
   DKM addresses w): ``key_kl_start`` for ``key_kl_hold`` steps, then a cosine ramp to 1 over
   ``key_kl_ramp`` steps.
@@ -22,8 +24,9 @@ from .config import Config
 
 
 def kl_weight(cfg: Config, step: int) -> float:
-    """The warm-up weight of every KL at optimizer step ``step`` (0-based)."""
-    return 1.0 if cfg.kl_warmup == 0 else min(1.0, (step + 1) / cfg.kl_warmup)
+    """The weight of every KL at optimizer step ``step`` (0-based): the warm-up times ``kl_weight``."""
+    warm = 1.0 if cfg.kl_warmup == 0 else min(1.0, (step + 1) / cfg.kl_warmup)
+    return warm * cfg.kl_weight
 
 
 def _ramp(cfg: Config, step: int) -> float:

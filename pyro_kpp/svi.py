@@ -53,12 +53,12 @@ FLAGS = {
     "episode_length": "episode_length", "batch_size": "batch_size", "reads": "reads",
     "memory_shape": "memory_shape", "window": "window", "writer_channels": "writer_channels",
     "kpp_write": "kpp_write", "key_map": "key_map", "kpp_posterior": "kpp_posterior",
-    "kpp_block_res": "kpp_block_res", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
+    "kpp_block_res": "kpp_block_res", "key_min_scale": "key_min_scale", "key_kl_start": "key_kl_start", "key_kl_hold": "key_kl_hold",
     "key_kl_ramp": "key_kl_ramp", "key_free_nats": "key_free_nats",
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
-    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "max_nonfinite": "max_nonfinite",
+    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "kl_weight": "kl_weight", "max_nonfinite": "max_nonfinite",
     "validate_every_step": "validate_every_step", "epochs": "epochs", "max_steps": "max_steps",
     "max_minutes": "max_minutes", "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
@@ -117,9 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  f"(0 = none; default {d.kl_warmup})")
     p.add_argument("--kpp-block-res", type=int, help="K++ addressed write: resolution of each written block, "
                                                      "upsampled to the window (default 0: the window's)")
+    p.add_argument("--key-min-scale", type=finite_float, help="K++: added to every standard deviation of q(y|X) "
+                                                              "(default 0: the paper's family)")
     p.add_argument("--kpp-posterior", choices=["x", "read"],
                    help="K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
                         f"p(z|M,y) at the sampled keys (default {d.kpp_posterior})")
+    p.add_argument("--kl-weight", type=finite_float, help="training-only constant weight of every KL after the "
+                                                          "warm-up, for experiments; reported bounds use 1 (default 1)")
     p.add_argument("--key-map", choices=KEY_MAPS,
                    help="K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key prior "
                         f"spread uniformly over the memory at scales near window/memory (default {d.key_map})")

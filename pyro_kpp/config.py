@@ -23,7 +23,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     # tanh keys and trained its keys at the full KL weight.
     1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
                   "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0,
-                  "key_min_scale": 0.0, "kl_weight": 1.0, **d,
+                  "key_min_scale": 0.0, "kl_weight": 1.0, "valid_images": 0,
+                  **d,
                   "version": 2},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
@@ -104,6 +105,7 @@ class Config:
     max_minutes: float | None = None  # training-time budget (excludes evaluation), for equal-budget comparisons
     seed: int = 0
     device: str = "auto"
+    valid_images: int = 0             # training images held out as validation episodes for per-epoch figures
     eval_episodes: int | None = None  # cap on test episodes evaluated each epoch (None: all)
     version: int = field(default=CONFIG_VERSION)
 
@@ -166,6 +168,8 @@ class Config:
                 raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
         if not 0 <= self.key_free_nats < float("inf"):
             raise ValueError(f"key_free_nats: expected a non-negative finite number, got {self.key_free_nats!r}")
+        if not isinstance(self.valid_images, int) or self.valid_images < 0:
+            raise ValueError(f"valid_images: expected a non-negative integer, got {self.valid_images!r}")
         if not 0 < self.kl_weight <= 1:
             raise ValueError(f"kl_weight: expected a weight in (0, 1], got {self.kl_weight!r}")
         if not 0 < self.key_kl_start <= 1:

@@ -499,6 +499,7 @@ def _atomic_save(obj, path: pathlib.Path) -> None:
 
 # Domain tags so that the seeds of different random streams never coincide.
 _TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
+_VALID_SPLIT, _VALID_ORDER, _VALID_BITS = 6, 7, 8
 
 
 def _generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -540,6 +541,7 @@ class Episodes:
         binarize: bool = True,
         as_uint8: bool = False,
         device: torch.device | str = "cpu",
+        valid_images: int = 0,
     ) -> None:
         self.episode_length = _check_count("episode_length", episode_length)
         self.batch_size = _check_count("batch_size", batch_size)
@@ -557,9 +559,21 @@ class Episodes:
         self.binarize = bool(binarize)
         self.as_uint8 = bool(as_uint8)
         self.device = torch.device(device)
-        self._train = data.train.to(self.device)
-        self._test: torch.Tensor | None = None  # (E, T, C, H, W) uint8, built on first use
+        train, self._valid_images = self._carve_validation(data.train, _check_count("valid_images", valid_images, 0))
+        self._train = train.to(self.device)
+        self._test: torch.Tensor | None = None   # (E, T, C, H, W) uint8, built on first use
+        self._valid: torch.Tensor | None = None  # the same for the validation images
 
+    def _carve_validation(self, train: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold out ``n`` training images for validation: the last n of a permutation of the train
+        split fixed by TEST_SEED (not the run's seed), so every run holds out the same images."""
+        if n == 0:
+            return train, train[:0]
+        if n < self.episode_length or len(train) - n < self.episode_length:
+            raise DataError(f"valid_images: {n} must leave at least one episode of {self.episode_length} images "
+                            f"for validation and for training (train split: {len(train)} images)")
+        perm = torch.randperm(len(train), generator=_generator(_VALID_SPLIT, TEST_SEED))
+        return train[perm[:-n]], train[perm[-n:]]
     @property
     def images_per_step(self) -> int:
         return self.batch_size * self.episode_length
@@ -625,17 +639,30 @@ class Episodes:
         test = self._test_data()
         return (self._present_test(test[i : i + batch_size]) for i in range(0, len(test), batch_size))
 
+    def valid_episodes(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The fixed validation episodes (``valid_images`` held out of the train split), built and
+        batched as ``test_episodes``: for choosing designs without looking at the test split."""
+        if len(self._valid_images) == 0:
+            raise ValueError("valid_images: no validation images were held out (valid_images=0)")
+        batch_size = self.batch_size if batch_size is None else _check_count("batch_size", batch_size)
+        if self._valid is None:
+            self._valid = self._fixed_episodes(self._valid_images, _VALID_BITS, _VALID_ORDER)
+        return (self._present_test(self._valid[i: i + batch_size]) for i in range(0, len(self._valid), batch_size))
+
     def _test_data(self) -> torch.Tensor:
         if self._test is None:
-            images = self.data.test  # CPU, so the bits do not depend on the device
-            if self.binarize:
-                bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(_TEST_BITS, TEST_SEED))
-                images = bits.to(torch.uint8)
-            perm = torch.randperm(len(images), generator=_generator(_TEST_ORDER, TEST_SEED))
-            n_ep, t = self.num_test_episodes(), self.episode_length
-            episodes = images[perm[: n_ep * t]].view(n_ep, t, *images.shape[1:])
-            self._test = episodes.to(self.device)
+            self._test = self._fixed_episodes(self.data.test, _TEST_BITS, _TEST_ORDER)
         return self._test
+
+    def _fixed_episodes(self, images: torch.Tensor, bits_tag: int, order_tag: int) -> torch.Tensor:
+        """Images (CPU, so the bits do not depend on the device) binarized once, permuted and cut
+        into episodes of T with generators fixed by TEST_SEED; the remainder is dropped."""
+        if self.binarize:
+            bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(bits_tag, TEST_SEED))
+            images = bits.to(torch.uint8)
+        perm = torch.randperm(len(images), generator=_generator(order_tag, TEST_SEED))
+        n_ep, t = len(images) // self.episode_length, self.episode_length
+        return images[perm[: n_ep * t]].view(n_ep, t, *images.shape[1:]).to(self.device)
 
     def _present_test(self, batch: torch.Tensor) -> torch.Tensor:
         if self.binarize:

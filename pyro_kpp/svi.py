@@ -58,7 +58,8 @@ FLAGS = {
     "slots": "slots", "address_size": "address_size", "km_read_write": "km_read_write",
     "dkm_write_iterations": "dkm_write_iterations",
     "code_size": "code_size", "embed_size": "embed_size", "hidden": "hidden", "elbo": "elbo",
-    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "kl_weight": "kl_weight", "max_nonfinite": "max_nonfinite",
+    "lr": "lr", "clip_norm": "clip_norm", "kl_warmup": "kl_warmup", "kl_weight": "kl_weight",
+    "valid_images": "valid_images", "max_nonfinite": "max_nonfinite",
     "validate_every_step": "validate_every_step", "epochs": "epochs", "max_steps": "max_steps",
     "max_minutes": "max_minutes", "seed": "seed", "device": "device", "eval_episodes": "eval_episodes",
 }
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "evaluation excluded); checked after every step")
     p.add_argument("--seed", type=int, help=f"seed (default {d.seed})")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--valid-images", type=int, help="hold this many training images out as validation episodes; "
+                                                    "each epoch's figures are then on them, not on the test split "
+                                                    "(default 0)")
     p.add_argument("--eval-episodes", type=int, help="test episodes evaluated each epoch (default: all)")
     p.add_argument("--run-dir", help="where to write checkpoints, metrics and images "
                                      "(default runs/<data>-<model>-<time>, or the resumed run)")
@@ -177,7 +181,7 @@ def make_episodes(cfg: Config, data: data_lib.ImageData, device: torch.device) -
     """The run's episodes: binarized for a binary likelihood, 8-bit grey levels k/255 otherwise."""
     binarize = LIKELIHOODS[cfg.likelihood].binarized
     return data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=binarize,
-                             device=device)
+                             device=device, valid_images=cfg.valid_images)
 
 
 def check_resume_targets(cfg: Config, resume_state: dict | None) -> None:
@@ -193,13 +197,14 @@ def check_resume_targets(cfg: Config, resume_state: dict | None) -> None:
                          f"ask for more than {resume_state['epoch']} to continue")
 
 
-def test_batches(episodes: data_lib.Episodes, max_episodes: int | None):
-    """The fixed test episodes, capped at ``max_episodes`` episodes."""
+def test_batches(episodes: data_lib.Episodes, max_episodes: int | None, split: str = "test"):
+    """The fixed test (or, ``split="valid"``, validation) episodes, capped at ``max_episodes`` episodes."""
+    fixed = episodes.valid_episodes() if split == "valid" else episodes.test_episodes()
     if max_episodes is None:
-        yield from episodes.test_episodes()
+        yield from fixed
         return
     left = max_episodes
-    for x in episodes.test_episodes():
+    for x in fixed:
         if left <= 0:
             return
         yield x[:left]
@@ -296,7 +301,10 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         rundir.repair_metrics(metrics_path, step)
         rundir.repair_metrics(run_dir / "steps.jsonl", step)
     history = []
-    first_test = next(iter(episodes.test_episodes()))
+    # Per-epoch figures come from validation episodes held out of the train split when
+    # cfg.valid_images > 0 (for choosing designs), else from the test episodes.
+    split = "valid" if cfg.valid_images else "test"
+    first_test = next(iter(test_batches(episodes, None, split)))
     start_time = time.time()
 
     def checkpoint():
@@ -390,14 +398,14 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             if world.is_main:                       # the others wait in checkpoint()'s gather
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(cfg.seed + 1)
-                    test = evaluate(model, test_batches(episodes, cfg.eval_episodes))
-                    memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes))
+                    test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split))
+                    memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes, split))
                     write_images(model, first_test, run_dir, epoch, cfg.seed)
                 record = {
                     "epoch": epoch, "step": step, "epoch_complete": epoch_done,
-                    "train_bound": loss_sum / max(loss_count, 1), "test_bound": test["elbo"],
-                    "test_images": test["images"], "test_terms": test["terms"],
-                    "memory_gain": test["memory_gain"], "test_terms_other_memory": test["foreign_terms"],
+                    "train_bound": loss_sum / max(loss_count, 1), f"{split}_bound": test["elbo"],
+                    f"{split}_images": test["images"], f"{split}_terms": test["terms"],
+                    "memory_gain": test["memory_gain"], f"{split}_terms_other_memory": test["foreign_terms"],
                     **memory_use, "train_seconds": round(train_seconds, 2),
                     "train_seconds_total": round(train_seconds_total, 2),
                     # < 1: train_bound is the warm-up objective, not the bound
@@ -407,15 +415,15 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 }
                 if not LIKELIHOODS[cfg.likelihood].binarized:
                     record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
-                    record["test_bits_per_dim"] = bits_per_dim(record["test_bound"], cfg.image_shape)
+                    record[f"{split}_bits_per_dim"] = bits_per_dim(record[f"{split}_bound"], cfg.image_shape)
                 history.append(record)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 if progress or not sys.stderr.isatty():
                     print(f"epoch {epoch} step {step}: train bound {record['train_bound']:.2f}, "
-                          f"test bound {record['test_bound']:.2f} nats/image"
-                          + (f" = {record['test_bits_per_dim']:.3f} bits/dim"
-                             if "test_bits_per_dim" in record else "")
+                          f"{split} bound {record[f'{split}_bound']:.2f} nats/image"
+                          + (f" = {record[f'{split}_bits_per_dim']:.3f} bits/dim"
+                             if f"{split}_bits_per_dim" in record else "")
                           + (f", memory gain {record['memory_gain']:.2f}" if record["memory_gain"] is not None else "")
                           + f" ({train_seconds:.0f} s)",
                           file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
 from pyro_kpp.nets import SCALE_FLOOR, DenseNet, dense_spectral_norm, positive_scale
@@ -86,9 +86,11 @@ class MemoryPrior(PyroModule):
         return torch.tril(self.tril_raw, -1) + torch.diag_embed(positive_scale(self.diag_raw))
 
     def row_covariance(self) -> torch.Tensor:
-        """U0 = L0 L0^T: (K, K)."""
+        """U0 = L0 L0^T: (K, K), symmetrised, so that it is exactly symmetric whatever the BLAS
+        kernel's summation order for the two triangles of the product."""
         L = self.scale_tril()
-        return L @ L.T
+        U = L @ L.T
+        return (U + U.T) / 2
 
     def dist(self) -> MatrixNormal:
         return MatrixNormal(self.loc, self.scale_tril())
@@ -103,6 +105,7 @@ class KanervaMachine(EpisodicModel):
     """KM: a matrix-normal memory written by Bayes' rule, read through learned addresses."""
 
     address_site = "y"
+    key_name = "addresses y"
 
     def __init__(self, cfg: Config, name: str = "km"):
         super().__init__(cfg, name)
@@ -141,25 +144,31 @@ class KanervaMachine(EpisodicModel):
         """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""
         return read(R.unsqueeze(-3), self.weights(y))
 
-    def code_prior(self, R: torch.Tensor, U: torch.Tensor, y: torch.Tensor):
-        """p(z_t | y_t, M): loc, scale (..., B, T, L) for y (..., B, T, S)  (eq. 6 or App. F eq. 19)."""
+    def key_shape(self) -> tuple[int, ...]:
+        return (self.cfg.address_size,)
+
+    def code_prior(self, memory: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+        """p(z_t | y_t, M): loc, scale (..., B, T, L) for M = (R, U) and y (..., B, T, S)  (eq. 6 or App. F eq. 19)."""
+        R, U = memory
         U = U.unsqueeze(-3) if self.cfg.km_read_write == "distribution" else None
         return read_gaussian(R.unsqueeze(-3), self.weights(y), NOISE_VAR, U)
 
     # -- Pyro program and guide --------------------------------------------------------------
+    @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
         R, U = self.written(x)                                            # (B, K, L), (B, K, K)
-        y_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.address_size]).to_event(1)
         with pyro.plate("episodes", B, dim=-2):
-            pyro.deterministic("memory", R.unsqueeze(1), event_dim=2)              # (B, 1, K, L)
-            pyro.deterministic("memory_row_cov", U.unsqueeze(1), event_dim=2)      # (B, 1, K, K)
+            # the returned values are used, so poutine.condition(data={"memory": M}) reads any M
+            R = pyro.deterministic("memory", R.unsqueeze(1), event_dim=2).squeeze(1)              # (B, K, L)
+            U = pyro.deterministic("memory_row_cov", U.unsqueeze(1), event_dim=2).squeeze(1)      # (B, K, K)
             with pyro.plate("images", T, dim=-1):
-                y = pyro.sample("y", y_prior)                                      # (..., B, T, S)
-                z_loc, z_scale = self.code_prior(R, U, y)
+                y = pyro.sample("y", self.key_prior(x))                            # (..., B, T, S)
+                z_loc, z_scale = self.code_prior((R, U), y)
                 z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))      # (..., B, T, L)
                 pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
 
+    @pyro_program
     def guide(self, x: torch.Tensor) -> None:
         R, _ = self.written(x)
         self.q(self.embed(x), functools.partial(self.readout, R))
@@ -169,25 +178,9 @@ class KanervaMachine(EpisodicModel):
         """Memory (R, U) written from x: one draw of q(M | X) (eq. 8)."""
         return Memory(self, self.write_memory(self.embed(x)))
 
-    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean addresses of q(y | x): (B, T, S)."""
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Posterior-mean addresses of q(y | x): (B, T, S); q(y | x) does not read the memory."""
         return self.q.address_posterior(self.embed(x))[0]
-
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Addresses from the prior N(0, I): (B, n, S)."""
-        R = memory.value[0]
-        return torch.randn(memory.episodes, n, self.cfg.address_size, generator=generator,
-                           device=R.device, dtype=R.dtype)
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Likelihood parameters (B, N, C', H, W) of codes read with addresses y (B, N, S)  (§3.1)."""
-        check_keys(memory, keys, (self.cfg.address_size,), "addresses y")
-        R, U = memory.value
-        z_loc, z_scale = self.code_prior(R, U, keys)                      # (B, N, L)
-        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
-                                          dtype=z_loc.dtype) if sample_z else z_loc
-        return self.decode(z)
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self.prior.memory_shapes()

@@ -104,7 +104,7 @@ def test_prior_row_covariance_is_spd_for_any_parameters():
         model.prior.tril_raw.normal_(0, 3)
         model.prior.diag_raw.normal_(0, 5)
     U0 = model.prior.row_covariance()
-    assert torch.equal(U0, U0.T)
+    assert torch.equal(U0, U0.T)                 # symmetrised in the code: exact on any BLAS
     assert torch.linalg.eigvalsh(U0.double()).min() > 0
     A = model.addresses()
     torch.testing.assert_close(A.norm(dim=-1), torch.ones(6))
@@ -189,7 +189,7 @@ def test_distribution_read_adds_the_memory_uncertainty():
     memory = model.write(x)
     y = model.prior_keys(memory, 3, generator=torch.Generator().manual_seed(0))
     R, U = memory.value
-    _, scale = model.code_prior(R, U, y)                                    # (B, 3, L)
+    _, scale = model.code_prior((R, U), y)                                  # (B, 3, L)
     w = model.weights(y)
     expected = (torch.einsum("bnk,bkj,bnj->bn", w, U, w) + 1.0).sqrt()
     torch.testing.assert_close(scale, expected.unsqueeze(-1).expand(scale.shape))

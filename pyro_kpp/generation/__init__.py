@@ -8,7 +8,10 @@ fixed; at each step the keys are re-inferred from the current query through the 
 posterior, the memory is read at those keys and decoded, and a reconstruction drawn from the
 likelihood becomes the next query:
 
-    y* = infer_keys(x_i),   params_i = generate(M, y*),   x_{i+1} ~ p(x | params_i).
+    y* = infer_keys(x_i, M),   params_i = generate(M, y*),   x_{i+1} ~ p(x | params_i).
+
+The keys are inferred *against the fixed memory* M: for DKM, whose addresses are solved against
+a memory, this is DKM's attractor dynamics; K++, KM and the VAE infer keys without reading M.
 
 Choices where the papers are silent or where the interface differs (also in the README):
 
@@ -111,7 +114,7 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
     queries, keys, params = [], [], []
     query = x
     for step in range(steps):
-        k = model.infer_keys(query)                              # (B, T, *key_shape)
+        k = model.infer_keys(query, memory)                      # (B, T, *key_shape)
         p = model.generate(memory, k, sample_z=sample_z, generator=generator)  # (B, T, C', H, W)
         queries.append(query)
         keys.append(k)
@@ -174,7 +177,7 @@ def interpolate(model: EpisodicModel, memory: Memory, x: torch.Tensor, i: int, j
     for name, idx in (("i", i), ("j", j)):
         if not 0 <= idx < T:
             raise ValueError(f"{name}: expected an image index in 0..{T - 1}, got {idx!r}")
-    keys = model.infer_keys(x)                                    # (B, T, *key_shape)
+    keys = model.infer_keys(x, memory)                            # (B, T, *key_shape)
     return model.generate(memory, interpolate_keys(keys[:, i], keys[:, j], n), sample_z=False)
 
 

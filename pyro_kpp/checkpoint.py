@@ -8,6 +8,11 @@ A checkpoint is one dict (nanoGPT style)::
 
 ``epoch``/``epoch_step`` say where training resumes: step ``epoch_step`` of epoch ``epoch``
 (the data order is a function of the seed and the epoch, so that is the whole data state).
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None;
+the numpy RNG state is stored as a tensor), and is read with ``torch.load(weights_only=True)``:
+opening a checkpoint someone sent you never runs code from it. One that holds anything else
+(a pickled callable, a class instance) is refused with a ``CheckpointError``.
 """
 from __future__ import annotations
 
@@ -118,8 +123,12 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
     """
     path = find_checkpoint(location)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(f"checkpoint: {path} holds objects other than tensors and plain data (e.g. "
+                                  f"pickled code); refusing to load it, since unpickling them could run code: "
+                                  f"{str(exc).splitlines()[-1] if str(exc).strip() else exc}") from None
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {path} is not a pyro_kpp checkpoint")
@@ -134,7 +143,9 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
 
 def rng_state() -> dict:
     """RNG states of python, numpy and torch (CPU and, when present, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian)   # loadable with weights_only
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,7 +153,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -122,7 +122,7 @@ def test_two_ranks_follow_one_process_and_resume(tmp_path):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert sorted(p.name for p in (two / "images").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "images").iterdir())
-    ranks = torch.load(two / "checkpoint.pt", weights_only=False)["rng"]["ranks"]
+    ranks = torch.load(two / "checkpoint.pt", weights_only=True)["rng"]["ranks"]
     assert len(ranks) == WORLD
 
     # Same data, averaged gradients: the trajectories agree up to Monte Carlo noise.

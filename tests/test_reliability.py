@@ -17,7 +17,7 @@ import torch
 from pyro_kpp import svi
 from pyro_kpp.bound import image_bounds, make_elbo, training_loss
 from pyro_kpp.registry import MODELS, build_model
-from pyro_kpp.checkpoint import CheckpointError, load_checkpoint
+from pyro_kpp.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args, tiny_config
 
@@ -189,6 +189,23 @@ def test_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
     torch.save({"weights": 1}, run / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a pyro_kpp checkpoint"):
         load_checkpoint(run)
+
+
+class _Payload:
+    """Stands for what a malicious checkpoint would smuggle: unpickling it calls ``os.system``."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.devnull,))
+
+
+@pytest.mark.parametrize("payload", [os.system, _Payload()])
+def test_a_checkpoint_smuggling_code_is_refused_unopened(tmp_path, payload):
+    """Checkpoints load with weights_only=True: a pickled callable is an error, never a call."""
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": {}, "model": {}, "step": 0,
+             "hook": payload}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="objects other than tensors and plain data"):
+        load_checkpoint(tmp_path)
 
 
 def test_resume_targets_must_leave_work_to_do(tmp_path, capsys):

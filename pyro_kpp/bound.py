@@ -24,6 +24,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from .episodic import EpisodicModel
 
@@ -88,6 +89,20 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
     with model.reuse_embedding():
         loss = elbo.differentiable_loss(model_fn, guide_fn, x)
     return loss / (x.shape[0] * x.shape[1])
+
+
+class TrainingLoss(nn.Module):
+    """``training_loss`` of ``model`` as a module whose ``forward`` returns it: what
+    ``DistributedDataParallel`` wraps for data-parallel training (``pyro_kpp.distributed``)."""
+
+    def __init__(self, model: EpisodicModel, elbo):
+        super().__init__()
+        self.model = model
+        self.elbo = elbo
+
+    def forward(self, x: torch.Tensor, kl_scale: float = 1.0, key_kl_scale: float = 1.0,
+                key_free_nats: float = 0.0) -> torch.Tensor:
+        return training_loss(self.model, x, self.elbo, kl_scale, key_kl_scale, key_free_nats)
 
 
 def _per_image(site, T: int) -> torch.Tensor:

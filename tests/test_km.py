@@ -17,7 +17,7 @@ import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
 from pyro_kpp.bound import PARTICLE_DIM, log_weights, make_elbo, training_loss
-from pyro_kpp.data import Episodes
+from pyro_kpp.episodes import Episodes
 from pyro_kpp.registry import build_model
 
 from helpers import tiny_cli_args, tiny_config

@@ -199,7 +199,7 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
     * perturbed: 4 rows, each n perturbations y + eps of one prior key (K++ Fig. 7);
     * clean-up: generations from prior keys, then each clean-up step (K++ Fig. 6 left);
     * one-shot: as clean-up, under the conditioning episode (KM Fig. 4, for x from
-      ``pyro_kpp.data.class_episodes``);
+      ``pyro_kpp.episodes.class_episodes``);
     * interpolate: up to 4 rows between the keys of images (0, 1), (2, 3), ... (KM §4.3);
     * iterative-read: the episode, then each step of reading it iteratively (K++ eq. 7).
     """

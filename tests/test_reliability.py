@@ -14,7 +14,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_kpp import svi
+from pyro_kpp import bound, svi
 from pyro_kpp.bound import image_bounds, make_elbo, training_loss
 from pyro_kpp.registry import MODELS, build_model
 from pyro_kpp.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(straight_run, small_data, 
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = svi.training_loss
+    real = bound.training_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -113,7 +113,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(svi, "training_loss", sometimes_nan)
+    monkeypatch.setattr(bound, "training_loss", sometimes_nan)
     run = tmp_path / "run"
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", *tiny_cli_args(),
                      "--max-steps", "6"]) == 0
@@ -128,8 +128,8 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(tmp_pat
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", *tiny_cli_args(),
                      "--max-steps", "2"]) == 0
     good = load_checkpoint(run)
-    real = svi.training_loss
-    monkeypatch.setattr(svi, "training_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = bound.training_loss
+    monkeypatch.setattr(bound, "training_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SystemExit) as exit_info:
         svi.main(["--resume", str(run), "--max-steps", "20", "--max-nonfinite", "3", "--no-progress"])
     assert exit_info.value.code == 2

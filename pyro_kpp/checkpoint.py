@@ -125,10 +125,10 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
-        if "Weights only load failed" in str(exc):
-            raise CheckpointError(f"checkpoint: {path} holds objects other than tensors and plain data (e.g. "
-                                  f"pickled code); refusing to load it, since unpickling them could run code: "
-                                  f"{str(exc).splitlines()[-1] if str(exc).strip() else exc}") from None
+        blocked = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
+        if blocked:             # weights_only refused a class or function the pickle would import
+            raise CheckpointError(f"checkpoint: {path} holds objects other than tensors and plain data; refusing "
+                                  f"to load it, since unpickling them could run code ({blocked[0]})") from None
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {path} is not a pyro_kpp checkpoint")

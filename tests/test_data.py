@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from pyro_kpp import data as D
 from pyro_kpp import episodes as E
+from pyro_kpp import omniglot as O
 
 from helpers import make_mnist
 
@@ -76,7 +77,7 @@ def _make_omniglot(root: Path, per_split: int = 4) -> list[Path]:
     """A tiny Omniglot tree: per split one alphabet, one character, ``per_split`` drawers; each
     PNG is 105x105 1-bit, white background, with a black bar whose position varies."""
     paths = []
-    for s, split in enumerate(D.OMNIGLOT_SPLITS):
+    for s, split in enumerate(O.OMNIGLOT_SPLITS):
         char_id = 7 + 100 * s
         folder = root / "omniglot-py" / split / f"Alphabet_{s}" / "character01"
         folder.mkdir(parents=True)
@@ -137,7 +138,7 @@ def test_omniglot_matches_protocol_for_single_files(omniglot, real_root):
     folder = real_root / "omniglot-py"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("images_*/*/*/*.png"))
     assert len(files) == 32460 and files[0].startswith("images_background/")
-    train_idx, test_idx = D.omniglot_split(len(files))
+    train_idx, test_idx = O.omniglot_split(len(files))
     for split, idx, pos in (("train", train_idx, 0), ("train", train_idx, 12345), ("test", test_idx, 8114)):
         file = files[int(idx[pos])]
         with Image.open(folder / file) as im:
@@ -149,8 +150,8 @@ def test_omniglot_matches_protocol_for_single_files(omniglot, real_root):
 
 
 def test_omniglot_split_deterministic_and_disjoint():
-    train, test = D.omniglot_split(32460)
-    train2, test2 = D.omniglot_split(32460)
+    train, test = O.omniglot_split(32460)
+    train2, test2 = O.omniglot_split(32460)
     assert torch.equal(train, train2) and torch.equal(test, test2)
     assert len(train) == 24345 and len(test) == 8115
     assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(32460))
@@ -167,7 +168,7 @@ def test_omniglot_cache_hit_decodes_nothing_and_is_identical(omniglot, real_root
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cache hit must not decode PNGs")
 
-    monkeypatch.setattr(D, "_decode_omniglot", no_decoding)
+    monkeypatch.setattr(O, "_decode_omniglot", no_decoding)
     again = D.load_dataset("omniglot")
     assert again is not omniglot, "the memo was cleared, so this came from the disk cache"
     for field in ("train", "test", "train_labels", "test_labels"):
@@ -201,7 +202,7 @@ def test_omniglot_corrupt_png_is_a_data_error(tmp_path):
 
 
 def test_omniglot_empty_split_folder_is_a_data_error(tmp_path):
-    for split in D.OMNIGLOT_SPLITS:
+    for split in O.OMNIGLOT_SPLITS:
         (tmp_path / "omniglot-py" / split).mkdir(parents=True)
     with pytest.raises(D.DataError, match="no PNG files") as err:
         D.load_dataset("omniglot", tmp_path)  # present, so no download is attempted

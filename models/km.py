@@ -18,11 +18,13 @@ Reading and the bound (§3.2, §3.4 eq. 12): with the guide q(y_t | x_t) q(z_t |
 (``pyro_kpp.guides.km``), Pyro's ELBO of this program is eq. 12 for one draw of the written
 memory: sum_t E[ln p(x_t|z_t)] - KL(q(y_t|x_t) || p(y_t)) - KL(q(z_t|x_t,y_t,M) || p(z_t|y_t,M)).
 It bounds the conditional likelihood ln p(X | M): the memory is conditioned on, with no KL
-term of its own, so in the program it is a deterministic site (like K++'s memory), written
-from the episode in both the model and the guide. Both get the *same* write: inside
-``reuse_embedding()`` (every ELBO and bound evaluation of the package) it is computed once per
-episode batch and cached, which also makes all importance particles of an evaluation read one
-written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
+term of its own. In the programs the written memory is the pair of episode-level sites
+"memory" (R) and "memory_row_cov" (U), each a ``WrittenMemory``: a point mass at the write with
+density 1, so they add nothing to the bound. The guide writes and samples them; the model
+states the same sites, so Pyro's replay hands the model the guide's write (with no context;
+run on its own, the model writes itself). Inside ``reuse_embedding()`` (every ELBO and bound
+evaluation of the package) the write is also computed once per episode batch and cached, which
+makes all importance particles of an evaluation read one written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
 is the episode's bound divided by T, once, in ``pyro_kpp.bound``.
 
 Memory access, ``km_read_write`` (§3.4, Appendix F):
@@ -58,6 +60,7 @@ from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
 from pyro_kpp.nets import SCALE_FLOOR, DenseNet, dense_spectral_norm, positive_scale
+from torch.distributions import constraints
 
 NOISE_VAR = 1.0  # sigma^2 of p(z | y, M), fixed to 1 (KM eq. 6)
 
@@ -99,6 +102,32 @@ class MemoryPrior(PyroModule):
         """(R, U) of a memory with this prior: the K x L mean and the K x K row covariance."""
         K, L = self.loc.shape
         return (K, L), (K, K)
+
+
+class WrittenMemory(dist.TorchDistribution):
+    """A point mass at a written memory tensor, with density 1 for every value: the memory is
+    conditioned on, and the site adds nothing to the bound. ``write()`` gives the value (per
+    episode, batch shape (B, 1)); it runs only when the site is sampled, never under replay."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, write, batch_shape: torch.Size, event_shape: torch.Size):
+        self.write = write
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        return WrittenMemory(self.write, torch.Size(batch_shape), self.event_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.write().expand(torch.Size(sample_shape) + self.batch_shape + self.event_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return value.new_zeros(value.shape[:value.dim() - len(self.event_shape)])
 
 
 class KanervaMachine(EpisodicModel):
@@ -153,15 +182,23 @@ class KanervaMachine(EpisodicModel):
         U = U.unsqueeze(-3) if self.cfg.km_read_write == "distribution" else None
         return read_gaussian(R.unsqueeze(-3), self.weights(y), NOISE_VAR, U)
 
+    def written_sites(self, write) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the sites "memory" and "memory_row_cov" (``WrittenMemory``) of the write
+        ``write()`` -> (R, U); returns their values (..., B, K, L) and (..., B, K, K).
+        Call inside the "episodes" plate."""
+        K, L = self.prior.memory_shapes()[0]
+        R = pyro.sample("memory", WrittenMemory(lambda: write()[0].unsqueeze(1), (1,), (K, L)))
+        U = pyro.sample("memory_row_cov", WrittenMemory(lambda: write()[1].unsqueeze(1), (1,), (K, K)))
+        return R.squeeze(-3), U.squeeze(-3)
+
     # -- Pyro program and guide --------------------------------------------------------------
     @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
-        R, U = self.written(x)                                            # (B, K, L), (B, K, K)
+        write = functools.cache(lambda: self.written(x))                 # run only if not replayed
         with pyro.plate("episodes", B, dim=-2):
-            # the returned values are used, so poutine.condition(data={"memory": M}) reads any M
-            R = pyro.deterministic("memory", R.unsqueeze(1), event_dim=2).squeeze(1)              # (B, K, L)
-            U = pyro.deterministic("memory_row_cov", U.unsqueeze(1), event_dim=2).squeeze(1)      # (B, K, K)
+            # the values of the sites are used, so poutine.condition(data={"memory": M}) reads any M
+            R, U = self.written_sites(write)                              # (..., B, K, L), (..., B, K, K)
             with pyro.plate("images", T, dim=-1):
                 y = pyro.sample("y", self.key_prior(x))                            # (..., B, T, S)
                 z_loc, z_scale = self.code_prior((R, U), y)
@@ -170,8 +207,9 @@ class KanervaMachine(EpisodicModel):
 
     @pyro_program
     def guide(self, x: torch.Tensor) -> None:
-        R, _ = self.written(x)
-        self.q(self.embed(x), functools.partial(self.readout, R))
+        written = self.written(x)                                         # the stochastic write, once
+        self.q(self.embed(x), functools.partial(self.readout, written[0]),
+               functools.partial(self.written_sites, lambda: written))
 
     # -- memory API ----------------------------------------------------------------------------
     def write(self, x: torch.Tensor) -> Memory:

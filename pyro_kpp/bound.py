@@ -126,7 +126,7 @@ def term_name(model: EpisodicModel, site: str) -> str:
     """The bound's term a latent site's KL belongs to (TERMS)."""
     if site == model.address_site:
         return "key_kl"
-    return {"z": "code_kl", "memory": "memory_kl"}.get(site, f"{site}_kl")
+    return {"z": "code_kl", "memory": "memory_kl", "memory_row_cov": "memory_kl"}.get(site, f"{site}_kl")
 
 
 #: The terms of the negative bound, nats/image: -E[ln p(x|z)], then each latent's KL (K++ eq. 4,
@@ -144,7 +144,8 @@ def bound_terms(model: EpisodicModel, model_tr, guide_tr, T: int) -> dict[str, t
         if site["is_observed"]:
             terms["reconstruction"] = -_per_image(site, T)
         else:
-            terms[term_name(model, name)] = _per_image(guide_tr.nodes[name], T) - _per_image(site, T)
+            term = term_name(model, name)                  # KM's memory is two sites, one term
+            terms[term] = terms.get(term, 0.0) + _per_image(guide_tr.nodes[name], T) - _per_image(site, T)
     return terms
 
 

@@ -128,8 +128,12 @@ def test_model_and_guide_trace_shapes(mode):
         "z": ((2, 4), (8,)),
         "x": ((2, 4), (1, 28, 28)),
     }
-    assert site_shapes(guide_tr) == {"y": ((2, 4), (5,)), "z": ((2, 4), (8,))}
-    assert model_tr.nodes["memory"]["infer"].get("_deterministic")
+    assert site_shapes(guide_tr) == {"memory": ((2, 1), (6, 8)), "memory_row_cov": ((2, 1), (6, 6)),
+                                     "y": ((2, 4), (5,)), "z": ((2, 4), (8,))}
+    # the model reads the guide's write (replayed), and the written memory adds nothing to the bound
+    for site in ("memory", "memory_row_cov"):
+        assert torch.equal(model_tr.nodes[site]["value"], guide_tr.nodes[site]["value"])
+        assert not model_tr.nodes[site]["fn"].log_prob(model_tr.nodes[site]["value"]).any()
     assert site_plates(model_tr) == {"memory": {"episodes"}, "memory_row_cov": {"episodes"},
                                      "y": {"episodes", "images"}, "z": {"episodes", "images"},
                                      "x": {"episodes", "images"}}
@@ -148,12 +152,13 @@ def test_particle_shapes_and_one_written_memory_per_evaluation():
             model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
         again = poutine.trace(model.guide).get_trace(x)
         memory_again = poutine.trace(poutine.replay(model.model, trace=again)).get_trace(x).nodes["memory"]["value"]
-    assert site_shapes(guide_tr) == {"y": ((3, 2, 4), (5,)), "z": ((3, 2, 4), (8,))}
+    assert site_shapes(guide_tr) == {"memory": ((3, 2, 1), (6, 8)), "memory_row_cov": ((3, 2, 1), (6, 6)),
+                                     "y": ((3, 2, 4), (5,)), "z": ((3, 2, 4), (8,))}
     model_tr.compute_log_prob()
     for site in ("y", "z", "x"):
         assert model_tr.nodes[site]["log_prob"].shape == (3, 2, 4), site
     # inside reuse_embedding the stochastic write is drawn once: every trace reads the same memory
-    assert torch.equal(model_tr.nodes["memory"]["value"], memory_again)
+    assert torch.equal(model_tr.nodes["memory"]["value"], memory_again.expand(3, *memory_again.shape))
     fresh = poutine.trace(model.model).get_trace(x).nodes["memory"]["value"]
     assert not torch.allclose(fresh, memory_again)
 

@@ -18,7 +18,7 @@ MODELS = ["kpp", "km", "dkm", "vae"]
 #: The latent and observed sites of each program, as the README's "Pyro programs" section lists them.
 SITES = {
     "kpp": ({"memory", "keys", "z", "x"}, {"keys", "z"}),
-    "km": ({"memory", "memory_row_cov", "y", "z", "x"}, {"y", "z"}),
+    "km": ({"memory", "memory_row_cov", "y", "z", "x"}, {"memory", "memory_row_cov", "y", "z"}),
     "dkm": ({"memory", "w", "z", "x"}, {"memory", "w", "z"}),
     "vae": ({"z", "x"}, {"z"}),
 }
@@ -94,3 +94,20 @@ def test_generate_reads_through_the_code_prior(name):
     assert keys.shape == (2, 3, *model.key_shape())
     z_loc, _ = model.code_prior(memory.value, keys)
     torch.testing.assert_close(model.generate(memory, keys, sample_z=False), model.decode(z_loc))
+
+
+def test_km_model_reads_the_guides_stochastic_write_without_a_context():
+    """KM's write is random; Pyro's replay alone hands the model the guide's write (no
+    reuse_embedding), and the written memory adds nothing to the bound."""
+    model = build_model(tiny_config(model="km"))
+    x = _episodes()
+    guide_tr = poutine.trace(model.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
+    R, U = (guide_tr.nodes[site]["value"].squeeze(1) for site in ("memory", "memory_row_cov"))
+    assert not torch.equal(R, model.write(x).value[0])                 # another write differs
+    expected = model.code_prior((R, U), guide_tr.nodes["y"]["value"])[0]
+    torch.testing.assert_close(model_tr.nodes["z"]["fn"].base_dist.loc, expected)
+    model_tr.compute_log_prob()
+    guide_tr.compute_log_prob()
+    for site in ("memory", "memory_row_cov"):
+        assert not model_tr.nodes[site]["log_prob"].any() and not guide_tr.nodes[site]["log_prob"].any()

@@ -287,7 +287,19 @@ class EpisodicModel(PyroModule):
         """Likelihood parameters (B, N, C', H, W) of images read from ``memory`` with keys
         (B, N, *key_shape): z ~ p(z | M, keys) (its mean when ``sample_z`` is False), decoded."""
         check_keys(memory, keys, self.key_shape(), self.key_name)
-        z_loc, z_scale = self.code_prior(memory.value, keys)                 # (B, N, L) each
+        return self.decode_code(*self.code_prior(memory.value, keys), sample_z, generator)   # (B, N, L) codes
+
+    def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, T, C', H, W) of the queries x (B, T, C, H, W) read back from
+        ``memory`` at their keys (B, T, *key_shape), as iterative reading does: through the code
+        prior p(z | M, keys) (``generate``) unless a model's reading also sees the query (KM)."""
+        return self.generate(memory, keys, sample_z, generator)
+
+    def decode_code(self, z_loc: torch.Tensor, z_scale: torch.Tensor | None, sample_z: bool,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """Decode z ~ N(z_loc, z_scale^2) (..., L), or z_loc itself when ``sample_z`` is False or
+        there is no scale."""
         if sample_z and z_scale is not None:
             z_loc = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
                                                   dtype=z_loc.dtype)

@@ -247,3 +247,16 @@ def test_svi_cli_tiny_run_then_evaluate_load_write_sample(name, tmp_path, capsys
     keys = model.infer_keys(x.unsqueeze(0))
     binary = pyro_kpp.sample(memory, keys, binary=True)
     assert binary.shape == (1, 4, 1, 28, 28) and set(binary.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_iterative_read_decodes_the_code_posterior():
+    """KM Algorithm 1: a query read back from the memory decodes the mean of q(z | x, y, M)."""
+    from pyro_kpp.generation import iterative_read
+    model = build_model(tiny_config(**KM)).eval()
+    x = episode()
+    memory = model.write(x)
+    reading = iterative_read(model, memory, x, steps=1)
+    y = model.infer_keys(x, memory)
+    z_loc, _ = model.q.code_posterior(model.embed(x), model.readout(memory.value[0], y))
+    torch.testing.assert_close(reading.params[0], model.decode(z_loc))
+    assert not torch.allclose(reading.params[0], model.generate(memory, y, sample_z=False))

@@ -29,12 +29,21 @@ The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; R
 * ``"blocks"``: the addressed part alone, M = sum_t f_ST^T(g(e_t), mu_key(e_t)), with no f_mem:
   a cell holds something only where an image of this episode wrote, so the memory can hold no
   fixed "semantic" table for the keys to index (the keys cannot become a per-image code into it).
+
+``Config.kpp_block_res`` = r > 0 makes g write each block at r x r, bilinearly upsampled to the
+window: a smooth block reads back nearly the same under a small shift of the key, so the key
+posterior need not be sharp (and costly) to read it.
+
+The code posterior, ``Config.kpp_posterior``: ``"x"`` is the paper's q(z | X); ``"read"`` is
+q(z | X, M, y), whose network also sees the mean of p(z | M, y) at the sampled keys
+(``pyro_kpp.guides.kpp``).
 """
 from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 
 from pyro_kpp.config import Config
 from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
@@ -57,25 +66,43 @@ class KanervaPlusPlus(EpisodicModel):
         self.reader = SpatialTransformerRead(window, cfg.key_map, cfg.window / min(cfg.memory_shape[1:]))
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
-                          spectral_norm=dense_spectral_norm(cfg))     # App. E (paper preset)
-        if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x h x w
-            self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * cfg.window ** 2, cfg.hidden, 1,
+                          spectral_norm=dense_spectral_norm(cfg),     # App. E (paper preset)
+                          reads_memory=cfg.kpp_posterior == "read")
+        if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x r x r
+            self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * self.block_res() ** 2, cfg.hidden, 1,
                                       dense_spectral_norm(cfg))
+
+    def block_res(self) -> int:
+        """r: the resolution g writes each block at, upsampled to the h x w window (``kpp_block_res``)."""
+        return self.cfg.kpp_block_res or self.cfg.window
+
+    def blocks(self, E: torch.Tensor) -> torch.Tensor:
+        """g(e_t): (B, T, D) -> (B, T, K, C, h, w), made at r x r and bilinearly upsampled."""
+        B, T = E.shape[:2]
+        C, r, h = self.cfg.memory_shape[0], self.block_res(), self.cfg.window
+        blocks = self.block_net(E).reshape(B * T * self.cfg.reads, C, r, r)
+        if r != h:
+            blocks = F.interpolate(blocks, size=(h, h), mode="bilinear", align_corners=False)
+        return blocks.reshape(B, T, self.cfg.reads, C, h, h)
 
     # -- pieces named after the paper's equations ------------------------------------------
     def write_memory(self, E: torch.Tensor) -> torch.Tensor:
         """M = f_mem(mean_t e_t) [+ the addressed write]: (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
         if self.cfg.kpp_write == "pooled":
             return self.writer(E.mean(dim=1))                    # (B, C, H, W)
-        B, T = E.shape[:2]
-        C, H, W = self.cfg.memory_shape
+        H, W = self.cfg.memory_shape[1:]
         keys = self.q.key_posterior(E)[0]                        # (B, T, K, 3), the posterior means
-        blocks = self.block_net(E).reshape(B, T, self.cfg.reads, C, self.cfg.window, self.cfg.window)
+        blocks = self.blocks(E)                                  # (B, T, K, C, h, w)
         written = self.reader.adjoint(blocks, keys, (H, W))      # (B, C, H, W)
         if self.cfg.kpp_write == "addressed-mean":
             coverage = self.reader.adjoint(torch.ones_like(blocks[:, :, :, :1]), keys, (H, W))  # (B, 1, H, W)
             written = written / coverage.clamp(min=1.0)
         return written if self.cfg.kpp_write == "blocks" else self.writer(E.mean(dim=1)) + written
+
+    def written(self, x: torch.Tensor) -> torch.Tensor:
+        """The memory (B, C, H, W) written from x, computed once per x inside ``reuse_embedding()``
+        (model and guide both read it when ``kpp_posterior == "read"``)."""
+        return self.foreign(self.cached(x, "memory", lambda: self.write_memory(self.embed(x))))
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""
@@ -90,7 +117,7 @@ class KanervaPlusPlus(EpisodicModel):
     @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = x.shape[:2]
-        memory = self.foreign(self.write_memory(self.embed(x)))  # (B, C, H, W)
+        memory = self.written(x)                                 # (B, C, H, W)
         with pyro.plate("episodes", B, dim=-2):
             # the returned value is used, so poutine.condition(data={"memory": M}) reads any M
             memory = pyro.deterministic("memory", memory.unsqueeze(1), event_dim=3).squeeze(1)  # (B, C, H, W)
@@ -102,7 +129,11 @@ class KanervaPlusPlus(EpisodicModel):
 
     @pyro_program
     def guide(self, x: torch.Tensor) -> None:
-        self.q(self.embed(x))
+        if self.cfg.kpp_posterior == "read":
+            memory = self.written(x)
+            self.q(self.embed(x), lambda keys: self.code_prior(memory, keys)[0])
+        else:
+            self.q(self.embed(x))
 
     # -- memory API ----------------------------------------------------------------------------
     def write(self, x: torch.Tensor) -> Memory:

@@ -22,7 +22,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     # 1 -> 2: the K++ memory-use options; a version-1 run wrote with f_mem alone, read through
     # tanh keys and trained its keys at the full KL weight.
     1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
-                  "key_kl_ramp": 0, "key_free_nats": 0.0, **d, "version": 2},
+                  "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0, **d,
+                  "version": 2},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
@@ -79,6 +80,10 @@ class Config:
                          "the addressed part alone", choices=KPP_WRITES)
     key_map: str = opt("tanh", "K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key "
                        "prior spread uniformly over the memory at scales near window/memory", choices=KEY_MAPS)
+    kpp_block_res: int = opt(0, "K++ addressed write: resolution of each written block, upsampled to the window",
+                             default_text="0, the window's")
+    kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
+                             "p(z|M,y) at the sampled keys", choices=("x", "read"))
     writer_channels: int | None = opt(None, "base channels of f_mem", default_text="by preset: cpu 64, paper 256")
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
     slots: int | None = opt(None, "KM/DKM memory rows K", default_text="KM 64, DKM 32")
@@ -164,6 +169,11 @@ class Config:
             raise ValueError(f"likelihood: expected one of {sorted(LIKELIHOODS)}, got {self.likelihood!r}")
         if self.key_map not in KEY_MAPS:
             raise ValueError(f"key_map: expected one of {KEY_MAPS}, got {self.key_map!r}")
+        if not isinstance(self.kpp_block_res, int) or not 0 <= self.kpp_block_res <= self.window:
+            raise ValueError(f"kpp_block_res: expected 0 (the window) or a resolution 1..{self.window}, "
+                             f"got {self.kpp_block_res!r}")
+        if self.kpp_posterior not in ("x", "read"):
+            raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:
             raise ValueError(f"kpp_write: expected one of {KPP_WRITES}, got {self.kpp_write!r}")
         for name in ("key_kl_hold", "key_kl_ramp"):

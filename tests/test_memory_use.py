@@ -186,3 +186,37 @@ def test_free_nats_charge_at_least_that_much_for_the_keys():
     tiny = training_loss(model, x, make_elbo("trace"), key_free_nats=1e-9)
     pyro.set_rng_seed(5)
     torch.testing.assert_close(tiny, training_loss(model, x, make_elbo("trace")), rtol=1e-5, atol=1e-3)
+
+
+def test_low_resolution_blocks_are_upsampled_to_the_window():
+    model = build_model(tiny_config(kpp_write="blocks", kpp_block_res=2)).eval()
+    E = torch.randn(2, 4, 32)
+    blocks = model.blocks(E)                                            # (B, T, K, C, h, w)
+    assert blocks.shape == (2, 4, 2, 3, 8, 8)
+    raw = model.block_net(E).reshape(16, 3, 2, 2)
+    torch.testing.assert_close(blocks.reshape(16, 3, 8, 8),
+                               torch.nn.functional.interpolate(raw, size=(8, 8), mode="bilinear"))
+    assert not hasattr(model, "writer")                                 # "blocks": no f_mem
+    with pytest.raises(ValueError, match="kpp_block_res"):
+        tiny_config(kpp_block_res=9)
+
+
+def test_code_posterior_that_reads_the_memory():
+    """kpp_posterior="read": q(z | X, M, y) sees the prior mean at the sampled keys, so its
+    code distribution changes with the memory (and with another episode's); "x" does not."""
+    x = _episodes()
+    for posterior, changes in (("read", True), ("x", False)):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(kpp_write="blocks", kpp_posterior=posterior)).eval()
+        with torch.no_grad():
+            model.block_net.net[-1].weight.mul_(50)
+        traces = []
+        for foreign in (False, True):
+            pyro.set_rng_seed(1)
+            with model.reuse_embedding(), (model.foreign_memory() if foreign else torch.no_grad()):
+                traces.append(poutine.trace(model.guide).get_trace(x))
+        torch.testing.assert_close(traces[0].nodes["keys"]["value"], traces[1].nodes["keys"]["value"])
+        moved = (traces[0].nodes["z"]["fn"].base_dist.loc - traces[1].nodes["z"]["fn"].base_dist.loc).abs().max()
+        assert (moved > 1e-4) == changes
+        result = evaluate(model, [x], samples=2)
+        assert math.isclose(sum(result["terms"].values()), result["elbo"], rel_tol=1e-5)

@@ -29,14 +29,19 @@ def _episodes(B=2, T=4, seed=0):
     return torch.bernoulli(torch.full((B, T, 1, 28, 28), 0.3), generator=g)
 
 
+#: Configurations whose parameters SVI must all train: the four models, and K++ with every optional net.
+CONFIGS = {name: {"model": name} for name in MODELS} | {
+    "kpp-addressed-read": {"model": "kpp", "kpp_write": "addressed", "kpp_posterior": "read", "kpp_block_res": 4}}
+
+
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_pyro_svi_trains_every_parameter(name, elbo):
     """One step of ``pyro.infer.SVI`` with a ``pyro.optim`` optimizer moves every parameter tensor
     (before the models registered their nets, it moved only the guide heads)."""
     torch.manual_seed(0)
-    model = build_model(tiny_config(model=name))
-    build_model(tiny_config(model=name))            # a second instance under the same root name
+    model = build_model(tiny_config(**CONFIGS[name]))
+    build_model(tiny_config(**CONFIGS[name]))       # a second instance under the same root name
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-2}), elbo())
     loss = svi.step(_episodes())

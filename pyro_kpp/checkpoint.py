@@ -9,10 +9,11 @@ A checkpoint is one dict (nanoGPT style)::
 ``epoch``/``epoch_step`` say where training resumes: step ``epoch_step`` of epoch ``epoch``
 (the data order is a function of the seed and the epoch, so that is the whole data state).
 
-A checkpoint holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None;
-the numpy RNG state is stored as a tensor), and is read with ``torch.load(weights_only=True)``:
-opening a checkpoint someone sent you never runs code from it. One that holds anything else
-(a pickled callable, a class instance) is refused with a ``CheckpointError``.
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None)
+and numpy's RNG state (a uint32 array), and is read with ``torch.load(weights_only=True)`` with
+exactly the numpy array types allow-listed (``SAFE_GLOBALS``): opening a checkpoint someone sent
+you never runs code from it. One that holds anything else (a pickled callable, a class
+instance) is refused with a ``CheckpointError``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_KEYS = ("config", "model", "step")
 RESUME_KEYS = (*MODEL_KEYS, "optimizer", "scheduler", "epoch", "epoch_step", "epoch_loss", "train_seconds",
                "skipped", "rng")
+
+
+#: What a checkpoint may hold besides tensors and plain data: numpy arrays (the numpy RNG state).
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
 
 
 class CheckpointError(ValueError):
@@ -123,7 +129,8 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
     """
     path = find_checkpoint(location)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
         blocked = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
         if blocked:             # weights_only refused a class or function the pickle would import
@@ -143,9 +150,7 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
 
 def rng_state() -> dict:
     """RNG states of python, numpy and torch (CPU and, when present, CUDA)."""
-    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gaussian)   # loadable with weights_only
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -153,8 +158,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached_gaussian))
+    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -29,6 +29,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyro_kpp import distributed, svi
+from pyro_kpp.checkpoint import load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args
 
@@ -156,7 +157,7 @@ def test_two_ranks_follow_one_process_and_resume(tmp_path):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert sorted(p.name for p in (two / "images").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "images").iterdir())
-    ranks = torch.load(two / "checkpoint.pt", weights_only=True)["rng"]["ranks"]
+    ranks = load_checkpoint(two)["rng"]["ranks"]
     assert len(ranks) == WORLD
 
     # Same data, averaged gradients: the trajectories agree up to Monte Carlo noise.

@@ -9,8 +9,9 @@
   and the read-out mean w_t^T R of p(z_t | y_t, M) (§3.2: "takes the concatenation of x_t and
   the mean of p(z_t|y_t, M) as input. The constant variance ... is omitted").
 * The writing posterior q(z_t | x_t) (§3.3, eq. 8) is one more head here; it is used to write
-  the memory (``pyro_kpp.models.km``), not sampled at a site: the written memory is what the
-  conditional bound (eq. 12) conditions on.
+  the memory (``pyro_kpp.models.km``), not sampled at a site of its own: the written memory,
+  what the conditional bound (eq. 12) conditions on, is sampled at the sites "memory" and
+  "memory_row_cov" as a point mass, so that the model reads the guide's write.
 
 Every "MLP" of KM Fig. 9 is a 2-layer perceptron (Appendix C): one hidden layer (``layers=1``);
 with ``spectral_norm`` (the "paper" preset) every linear layer is spectrally normalised, as K++'s heads.
@@ -50,11 +51,15 @@ class KmGuide(PyroModule):
         inputs = torch.cat([E.expand(*readout.shape[:-1], E.shape[-1]), readout], -1)
         return self.code_head(inputs)
 
-    def forward(self, E: torch.Tensor, readout: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Sample y and z for E (B, T, D); ``readout(y)`` is the memory's mean read w_t^T R."""
+    def forward(self, E: torch.Tensor, readout: Callable[[torch.Tensor], torch.Tensor],
+                memory_sites: Callable[[], object]) -> None:
+        """Sample the written memory (``memory_sites()``, episode-level sites), then y and z for
+        E (B, T, D); ``readout(y)`` is the memory's mean read w_t^T R."""
         B, T = E.shape[:2]
         y_loc, y_scale = self.address_posterior(E)                    # (B, T, S)
-        with pyro.plate("episodes", B, dim=-2), pyro.plate("images", T, dim=-1):
-            y = pyro.sample("y", dist.Normal(y_loc, y_scale).to_event(1))       # (..., B, T, S)
-            z_loc, z_scale = self.code_posterior(E, readout(y))       # (..., B, T, C)
-            pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+        with pyro.plate("episodes", B, dim=-2):
+            memory_sites()
+            with pyro.plate("images", T, dim=-1):
+                y = pyro.sample("y", dist.Normal(y_loc, y_scale).to_event(1))       # (..., B, T, S)
+                z_loc, z_scale = self.code_posterior(E, readout(y))       # (..., B, T, C)
+                pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))

@@ -41,20 +41,18 @@ Choices (also in the README):
 
 API: the memory value is (R, U); the keys are the addresses w (B, N, K). ``generate`` reads
 p(z | w, R, U) with the memory integrated out, N(w^T R, (w^T U w + sigma_xi^2) I) (KM eq. 19).
-``attractor_read`` is DKM's iterative reading: each step solves the addresses of the current
-query against the *fixed* memory, reads, decodes and feeds a sample back.
+``infer_keys(x, memory)`` solves the addresses against a given memory, so the generic iterative
+read (``pyro_kpp.generation.iterative_read``) is DKM's attractor dynamics: each step solves the
+addresses of the current query against the *fixed* memory, reads, decodes and feeds a sample back.
 """
 from __future__ import annotations
-
-import contextlib
 
 import pyro
 import pyro.distributions as dist
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
-from pyro_kpp.generation import IterativeReading, iterative_read
+from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.dkm import DkmGuide
 from pyro_kpp.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
 from pyro_kpp.models.km import MemoryPrior, raw_scale
@@ -71,12 +69,13 @@ class DynamicKanervaMachine(EpisodicModel):
 
     memory_is_latent = True
     address_site = "w"
+    key_name = "addresses w"
+    key_scale = W_PRIOR_SCALE
 
     def __init__(self, cfg: Config, name: str = "dkm"):
         super().__init__(cfg, name)
         self.prior = MemoryPrior(cfg.slots, cfg.code_size)
         self.q = DkmGuide(cfg.embed_size, cfg.code_size, raw_scale(W_SCALE_INIT), dense_spectral_norm(cfg))
-        self._fixed_memory: Memory | None = None
 
     # -- writing -------------------------------------------------------------------------------
     def write_memory(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,18 +101,28 @@ class DynamicKanervaMachine(EpisodicModel):
         codes, R, U = self.cached(x, "memory", compute)
         return (codes, *self.foreign((R, U)))
 
+    def key_shape(self) -> tuple[int, ...]:
+        return (self.cfg.slots,)
+
+    def code_prior(self, memory: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor):
+        """p(z | w, R, U) with the memory integrated out: loc, scale (..., B, N, L) for addresses w
+        (..., B, N, K)  (KM eq. 19)."""
+        R, U = memory
+        return read_gaussian(R.unsqueeze(-3), w, NOISE_VAR, U.unsqueeze(-3))
+
     # -- Pyro program and guide --------------------------------------------------------------
+    @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
-        w_prior = dist.Normal(x.new_zeros(()), x.new_tensor(W_PRIOR_SCALE)).expand([self.cfg.slots]).to_event(1)
         with pyro.plate("episodes", B, dim=-2):
             M = pyro.sample("memory", self.prior.dist())                          # (..., B, 1, K, L)
             with pyro.plate("images", T, dim=-1):
-                w = pyro.sample("w", w_prior)                                     # (..., B, T, K)
+                w = pyro.sample("w", self.key_prior(x))                           # (..., B, T, K)
                 z_loc, z_scale = read_gaussian(M, w, NOISE_VAR)
                 z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))     # (..., B, T, L)
                 pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
 
+    @pyro_program
     def guide(self, x: torch.Tensor) -> None:
         codes, R, U = self.written(x)
         self.q(codes, R, U, RIDGE, NOISE_VAR ** 0.5)
@@ -124,47 +133,14 @@ class DynamicKanervaMachine(EpisodicModel):
         return Memory(self, self.write_memory(self.q.codes(self.embed(x))))
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
-        """Posterior-mean addresses w* of q(w | x, M): (B, T, K).
-
-        Solved against ``memory`` when given (or inside ``attractor_read``, against the memory
-        being read); otherwise against the memory written from x itself, as in training.
-        """
-        memory = memory if memory is not None else self._fixed_memory
-        codes = self.q.codes(self.embed(x))
+        """Posterior-mean addresses w* of q(w | x, M): (B, T, K), solved against ``memory`` when
+        given (iterative reading: DKM's attractor dynamics), else against the memory written
+        from x itself, as in training."""
+        codes = self.q.codes(self.embed(x))                                   # (B, T, L)
+        if memory is not None:
+            self.check_memory(memory)
         R = memory.value[0] if memory is not None else self.write_memory(codes)[0]
         return ridge_weights(R, codes, RIDGE)
 
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Addresses from the prior N(0, sigma_w0^2 I): (B, n, K)."""
-        R = memory.value[0]
-        return W_PRIOR_SCALE * torch.randn(memory.episodes, n, self.cfg.slots, generator=generator,
-                                           device=R.device, dtype=R.dtype)
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Likelihood parameters (B, N, C', H, W) of codes read with addresses w (B, N, K)."""
-        check_keys(memory, keys, (self.cfg.slots,), "addresses w")
-        R, U = memory.value
-        z_loc, z_scale = read_gaussian(R.unsqueeze(-3), keys, NOISE_VAR, U.unsqueeze(-3))  # (B, N, L)
-        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
-                                          dtype=z_loc.dtype) if sample_z else z_loc
-        return self.decode(z)
-
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self.prior.memory_shapes()
-
-    @contextlib.contextmanager
-    def _addressing(self, memory: Memory):
-        """Inside: ``infer_keys`` solves addresses against ``memory``."""
-        previous, self._fixed_memory = self._fixed_memory, memory
-        try:
-            yield
-        finally:
-            self._fixed_memory = previous
-
-    def attractor_read(self, memory: Memory, x: torch.Tensor, steps: int, **kwargs) -> IterativeReading:
-        """DKM's attractor dynamics: ``steps`` iterations of encode -> solve w against the fixed
-        ``memory`` -> read -> decode -> sample, from the queries x (B, T, C, H, W).
-        ``kwargs`` as ``pyro_kpp.generation.iterative_read`` (feedback, sample_z, generator)."""
-        with self._addressing(memory):
-            return iterative_read(self, memory, x, steps, **kwargs)

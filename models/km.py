@@ -18,11 +18,13 @@ Reading and the bound (§3.2, §3.4 eq. 12): with the guide q(y_t | x_t) q(z_t |
 (``pyro_kpp.guides.km``), Pyro's ELBO of this program is eq. 12 for one draw of the written
 memory: sum_t E[ln p(x_t|z_t)] - KL(q(y_t|x_t) || p(y_t)) - KL(q(z_t|x_t,y_t,M) || p(z_t|y_t,M)).
 It bounds the conditional likelihood ln p(X | M): the memory is conditioned on, with no KL
-term of its own, so in the program it is a deterministic site (like K++'s memory), written
-from the episode in both the model and the guide. Both get the *same* write: inside
-``reuse_embedding()`` (every ELBO and bound evaluation of the package) it is computed once per
-episode batch and cached, which also makes all importance particles of an evaluation read one
-written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
+term of its own. In the programs the written memory is the pair of episode-level sites
+"memory" (R) and "memory_row_cov" (U), each a ``WrittenMemory``: a point mass at the write with
+density 1, so they add nothing to the bound. The guide writes and samples them; the model
+states the same sites, so Pyro's replay hands the model the guide's write (with no context;
+run on its own, the model writes itself). Inside ``reuse_embedding()`` (every ELBO and bound
+evaluation of the package) the write is also computed once per episode batch and cached, which
+makes all importance particles of an evaluation read one written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
 is the episode's bound divided by T, once, in ``pyro_kpp.bound``.
 
 Memory access, ``km_read_write`` (§3.4, Appendix F):
@@ -54,10 +56,11 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.episodic import EpisodicModel, Memory, check_keys, pyro_program
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
 from pyro_kpp.nets import SCALE_FLOOR, DenseNet, dense_spectral_norm, positive_scale
+from torch.distributions import constraints
 
 NOISE_VAR = 1.0  # sigma^2 of p(z | y, M), fixed to 1 (KM eq. 6)
 
@@ -86,9 +89,11 @@ class MemoryPrior(PyroModule):
         return torch.tril(self.tril_raw, -1) + torch.diag_embed(positive_scale(self.diag_raw))
 
     def row_covariance(self) -> torch.Tensor:
-        """U0 = L0 L0^T: (K, K)."""
+        """U0 = L0 L0^T: (K, K), symmetrised, so that it is exactly symmetric whatever the BLAS
+        kernel's summation order for the two triangles of the product."""
         L = self.scale_tril()
-        return L @ L.T
+        U = L @ L.T
+        return (U + U.T) / 2
 
     def dist(self) -> MatrixNormal:
         return MatrixNormal(self.loc, self.scale_tril())
@@ -99,10 +104,37 @@ class MemoryPrior(PyroModule):
         return (K, L), (K, K)
 
 
+class WrittenMemory(dist.TorchDistribution):
+    """A point mass at a written memory tensor, with density 1 for every value: the memory is
+    conditioned on, and the site adds nothing to the bound. ``write()`` gives the value (per
+    episode, batch shape (B, 1)); it runs only when the site is sampled, never under replay."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, write, batch_shape: torch.Size, event_shape: torch.Size):
+        self.write = write
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        return WrittenMemory(self.write, torch.Size(batch_shape), self.event_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.write().expand(torch.Size(sample_shape) + self.batch_shape + self.event_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return value.new_zeros(value.shape[:value.dim() - len(self.event_shape)])
+
+
 class KanervaMachine(EpisodicModel):
     """KM: a matrix-normal memory written by Bayes' rule, read through learned addresses."""
 
     address_site = "y"
+    key_name = "addresses y"
 
     def __init__(self, cfg: Config, name: str = "km"):
         super().__init__(cfg, name)
@@ -141,53 +173,60 @@ class KanervaMachine(EpisodicModel):
         """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""
         return read(R.unsqueeze(-3), self.weights(y))
 
-    def code_prior(self, R: torch.Tensor, U: torch.Tensor, y: torch.Tensor):
-        """p(z_t | y_t, M): loc, scale (..., B, T, L) for y (..., B, T, S)  (eq. 6 or App. F eq. 19)."""
+    def key_shape(self) -> tuple[int, ...]:
+        return (self.cfg.address_size,)
+
+    def code_prior(self, memory: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+        """p(z_t | y_t, M): loc, scale (..., B, T, L) for M = (R, U) and y (..., B, T, S)  (eq. 6 or App. F eq. 19)."""
+        R, U = memory
         U = U.unsqueeze(-3) if self.cfg.km_read_write == "distribution" else None
         return read_gaussian(R.unsqueeze(-3), self.weights(y), NOISE_VAR, U)
 
+    def written_sites(self, write) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the sites "memory" and "memory_row_cov" (``WrittenMemory``) of the write
+        ``write()`` -> (R, U); returns their values (..., B, K, L) and (..., B, K, K).
+        Call inside the "episodes" plate."""
+        K, L = self.prior.memory_shapes()[0]
+        R = pyro.sample("memory", WrittenMemory(lambda: write()[0].unsqueeze(1), (1,), (K, L)))
+        U = pyro.sample("memory_row_cov", WrittenMemory(lambda: write()[1].unsqueeze(1), (1,), (K, K)))
+        return R.squeeze(-3), U.squeeze(-3)
+
     # -- Pyro program and guide --------------------------------------------------------------
+    @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
-        R, U = self.written(x)                                            # (B, K, L), (B, K, K)
-        y_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.address_size]).to_event(1)
+        write = functools.cache(lambda: self.written(x))                 # run only if not replayed
         with pyro.plate("episodes", B, dim=-2):
-            pyro.deterministic("memory", R.unsqueeze(1), event_dim=2)              # (B, 1, K, L)
-            pyro.deterministic("memory_row_cov", U.unsqueeze(1), event_dim=2)      # (B, 1, K, K)
+            # the values of the sites are used, so poutine.condition(data={"memory": M}) reads any M
+            R, U = self.written_sites(write)                              # (..., B, K, L), (..., B, K, K)
             with pyro.plate("images", T, dim=-1):
-                y = pyro.sample("y", y_prior)                                      # (..., B, T, S)
-                z_loc, z_scale = self.code_prior(R, U, y)
+                y = pyro.sample("y", self.key_prior(x))                            # (..., B, T, S)
+                z_loc, z_scale = self.code_prior((R, U), y)
                 z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))      # (..., B, T, L)
                 pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
 
+    @pyro_program
     def guide(self, x: torch.Tensor) -> None:
-        R, _ = self.written(x)
-        self.q(self.embed(x), functools.partial(self.readout, R))
+        written = self.written(x)                                         # the stochastic write, once
+        self.q(self.embed(x), functools.partial(self.readout, written[0]),
+               functools.partial(self.written_sites, lambda: written))
 
     # -- memory API ----------------------------------------------------------------------------
     def write(self, x: torch.Tensor) -> Memory:
         """Memory (R, U) written from x: one draw of q(M | X) (eq. 8)."""
         return Memory(self, self.write_memory(self.embed(x)))
 
-    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean addresses of q(y | x): (B, T, S)."""
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Posterior-mean addresses of q(y | x): (B, T, S); q(y | x) does not read the memory."""
         return self.q.address_posterior(self.embed(x))[0]
 
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Addresses from the prior N(0, I): (B, n, S)."""
-        R = memory.value[0]
-        return torch.randn(memory.episodes, n, self.cfg.address_size, generator=generator,
-                           device=R.device, dtype=R.dtype)
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Likelihood parameters (B, N, C', H, W) of codes read with addresses y (B, N, S)  (§3.1)."""
-        check_keys(memory, keys, (self.cfg.address_size,), "addresses y")
-        R, U = memory.value
-        z_loc, z_scale = self.code_prior(R, U, keys)                      # (B, N, L)
-        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
-                                          dtype=z_loc.dtype) if sample_z else z_loc
-        return self.decode(z)
+    def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """KM Algorithm 1: the code of a query read from the memory comes from the posterior
+        q(z | x, y, M), which sees the query as well as the read w^T R."""
+        check_keys(memory, keys, self.key_shape(), self.key_name)
+        z_loc, z_scale = self.q.code_posterior(self.embed(x), self.readout(memory.value[0], keys))  # (B, T, L)
+        return self.decode_code(z_loc, z_scale, sample_z, generator)
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self.prior.memory_shapes()

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.kpp import KppGuide
 from pyro_kpp.nets import ConvGaussianHead, DenseNet, MemoryWriter, dense_spectral_norm, over_leading
 from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
@@ -110,20 +110,24 @@ class KanervaPlusPlus(EpisodicModel):
         stacked = windows.flatten(-4, -3)                        # (..., B, T, K*C, h, w)
         return over_leading(self.prior_net, stacked, 3)          # 2 x (..., B, T, L)
 
+    def key_shape(self) -> tuple[int, ...]:
+        return (self.cfg.reads, KEY_DIM)
+
     # -- Pyro program and guide --------------------------------------------------------------
+    @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = x.shape[:2]
         memory = self.written(x)                                 # (B, C, H, W)
-        key_prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.reads, KEY_DIM])
         with pyro.plate("episodes", B, dim=-2):
             # the returned value is used, so poutine.condition(data={"memory": M}) reads any M
             memory = pyro.deterministic("memory", memory.unsqueeze(1), event_dim=3).squeeze(1)  # (B, C, H, W)
             with pyro.plate("images", T, dim=-1):
-                keys = pyro.sample("keys", key_prior.to_event(2))          # (..., B, T, K, 3)
+                keys = pyro.sample("keys", self.key_prior(x))              # (..., B, T, K, 3)
                 z_loc, z_scale = self.code_prior(memory, keys)
                 z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))  # (..., B, T, L)
                 pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
 
+    @pyro_program
     def guide(self, x: torch.Tensor) -> None:
         if self.cfg.kpp_posterior == "read":
             memory = self.written(x)
@@ -135,25 +139,10 @@ class KanervaPlusPlus(EpisodicModel):
     def write(self, x: torch.Tensor) -> Memory:
         return Memory(self, self.write_memory(self.embed(x)))
 
-    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean keys of q(y | X): (B, T, K, 3)  (used by reconstruction, eq. 7)."""
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Posterior-mean keys of q(y | X): (B, T, K, 3)  (used by reconstruction, eq. 7); q(y | X)
+        does not read the memory, so ``memory`` changes nothing."""
         return self.q.key_posterior(self.embed(x))[0]
-
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Keys from the prior N(0, I): (B, n, K, 3)."""
-        B = memory.episodes
-        m = memory.value
-        return torch.randn(B, n, self.cfg.reads, KEY_DIM, generator=generator,
-                           device=m.device, dtype=m.dtype)
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Likelihood parameters (B, N, C', H, W) of images read with keys (B, N, K, 3)  (§3.4)."""
-        check_keys(memory, keys, (self.cfg.reads, KEY_DIM))
-        z_loc, z_scale = self.code_prior(memory.value, keys)     # (B, N, L)
-        z = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
-                                          dtype=z_loc.dtype) if sample_z else z_loc
-        return self.decode(z)
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         """M: one (C, H, W) block per episode."""

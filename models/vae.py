@@ -21,11 +21,10 @@ the same ``write`` / ``sample`` API as the memory models (choices, also in the R
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys
+from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.vae import VaeGuide
 from pyro_kpp.nets import dense_spectral_norm
 
@@ -33,18 +32,29 @@ from pyro_kpp.nets import dense_spectral_norm
 class VAE(EpisodicModel):
     """The memoryless baseline: N(0, I) prior on each image's code."""
 
+    key_name = "codes z"
+
     def __init__(self, cfg: Config, name: str = "vae"):
         super().__init__(cfg, name)
         self.q = VaeGuide(cfg.embed_size, cfg.code_size, cfg.hidden, dense_spectral_norm(cfg))
 
+    def key_shape(self) -> tuple[int, ...]:
+        """The keys are the codes z."""
+        return (self.cfg.code_size,)
+
+    def code_prior(self, memory, keys: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The code is the key itself, whatever the memory: nothing is left to sample."""
+        return keys, None
+
     # -- Pyro program and guide --------------------------------------------------------------
+    @pyro_program
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
-        prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.cfg.code_size]).to_event(1)
         with pyro.plate("episodes", B, dim=-2), pyro.plate("images", T, dim=-1):
-            z = pyro.sample("z", prior)                                        # (..., B, T, L)
+            z = pyro.sample("z", self.key_prior(x))                            # (..., B, T, L)
             pyro.sample("x", self.likelihood.dist(self.decode(z)), obs=x)
 
+    @pyro_program
     def guide(self, x: torch.Tensor) -> None:
         self.q(self.embed(x))
 
@@ -54,21 +64,9 @@ class VAE(EpisodicModel):
         B, _ = self.check_episode(x)
         return Memory(self, x.new_zeros(B, 0))
 
-    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of q(z | x): (B, T, L)."""
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Mean of q(z | x): (B, T, L); there is no memory to read."""
         return self.q.code_head(self.embed(x))[0]
-
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Codes from the prior N(0, I): (B, n, L)."""
-        v = memory.value
-        return torch.randn(memory.episodes, n, self.cfg.code_size, generator=generator,
-                           device=v.device, dtype=v.dtype)
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Likelihood parameters (B, N, C', H, W) of the codes ``keys`` (B, N, L); the memory is unused."""
-        check_keys(memory, keys, (self.cfg.code_size,), "codes z")
-        return self.decode(keys)
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Nothing per episode: the (B, 0) placeholder of ``write``."""

@@ -24,6 +24,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from .episodic import EpisodicModel
 
@@ -90,6 +91,20 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
     return loss / (x.shape[0] * x.shape[1])
 
 
+class TrainingLoss(nn.Module):
+    """``training_loss`` of ``model`` as a module whose ``forward`` returns it: what
+    ``DistributedDataParallel`` wraps for data-parallel training (``pyro_kpp.distributed``)."""
+
+    def __init__(self, model: EpisodicModel, elbo):
+        super().__init__()
+        self.model = model
+        self.elbo = elbo
+
+    def forward(self, x: torch.Tensor, kl_scale: float = 1.0, key_kl_scale: float = 1.0,
+                key_free_nats: float = 0.0) -> torch.Tensor:
+        return training_loss(self.model, x, self.elbo, kl_scale, key_kl_scale, key_free_nats)
+
+
 def _per_image(site, T: int) -> torch.Tensor:
     """A site's log-density per image: (S, B, T) or (S, B, 1).
 
@@ -111,7 +126,7 @@ def term_name(model: EpisodicModel, site: str) -> str:
     """The bound's term a latent site's KL belongs to (TERMS)."""
     if site == model.address_site:
         return "key_kl"
-    return {"z": "code_kl", "memory": "memory_kl"}.get(site, f"{site}_kl")
+    return {"z": "code_kl", "memory": "memory_kl", "memory_row_cov": "memory_kl"}.get(site, f"{site}_kl")
 
 
 #: The terms of the negative bound, nats/image: -E[ln p(x|z)], then each latent's KL (K++ eq. 4,
@@ -129,7 +144,8 @@ def bound_terms(model: EpisodicModel, model_tr, guide_tr, T: int) -> dict[str, t
         if site["is_observed"]:
             terms["reconstruction"] = -_per_image(site, T)
         else:
-            terms[term_name(model, name)] = _per_image(guide_tr.nodes[name], T) - _per_image(site, T)
+            term = term_name(model, name)                  # KM's memory is two sites, one term
+            terms[term] = terms.get(term, 0.0) + _per_image(guide_tr.nodes[name], T) - _per_image(site, T)
     return terms
 
 

@@ -8,6 +8,12 @@ A checkpoint is one dict (nanoGPT style)::
 
 ``epoch``/``epoch_step`` say where training resumes: step ``epoch_step`` of epoch ``epoch``
 (the data order is a function of the seed and the epoch, so that is the whole data state).
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None)
+and numpy's RNG state (a uint32 array), and is read with ``torch.load(weights_only=True)`` with
+exactly the numpy array types allow-listed (``SAFE_GLOBALS``): opening a checkpoint someone sent
+you never runs code from it. One that holds anything else (a pickled callable, a class
+instance) is refused with a ``CheckpointError``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_KEYS = ("config", "model", "step")
 RESUME_KEYS = (*MODEL_KEYS, "optimizer", "scheduler", "epoch", "epoch_step", "epoch_loss", "train_seconds",
                "skipped", "rng")
+
+
+#: What a checkpoint may hold besides tensors and plain data: numpy arrays (the numpy RNG state).
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
 
 
 class CheckpointError(ValueError):
@@ -118,8 +129,13 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
     """
     path = find_checkpoint(location)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
+        blocked = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
+        if blocked:             # weights_only refused a class or function the pickle would import
+            raise CheckpointError(f"checkpoint: {path} holds objects other than tensors and plain data; refusing "
+                                  f"to load it, since unpickling them could run code ({blocked[0]})") from None
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {path} is not a pyro_kpp checkpoint")

@@ -1,4 +1,5 @@
-"""argparse types shared by the CLIs: bad values are refused at parse time, naming the ``--flag``.
+"""argparse types shared by the CLIs: bad values are refused at parse time, naming the ``--flag``;
+and the training CLI's options generated from the ``Config`` dataclass (``add_config_options``).
 
 A float option accepts "nan" and "inf" from ``float`` itself; none of ours has a use for
 them (a NaN learning rate or noise level silently ruins a run or disables a check).
@@ -6,6 +7,7 @@ them (a NaN learning rate or noise level silently ruins a run or disables a chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 
@@ -29,3 +31,50 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """C,H,W (or CxHxW) as three positive sizes."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,64,64), got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return shape
+
+
+#: argparse type of a config field, by its annotation (the config module's annotations are strings).
+_TYPES = {"int": int, "int | None": int, "float": finite_float, "float | None": finite_float,
+          "str": str, "str | None": str, "tuple[int, int, int]": parse_shape}
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls, choices: dict | None = None) -> list[str]:
+    """One option ``--field-name`` per field of the dataclass ``config_cls`` that has help metadata
+    (``pyro_kpp.config.opt``), typed by the field's annotation, its default shown in the help;
+    ``choices`` adds the choices of fields whose allowed values live elsewhere (the model registry,
+    the data sets). Returns the names of the fields that became options.
+
+    The parser should have ``argument_default=argparse.SUPPRESS``: an option that is not given
+    is then absent from the parsed namespace, so the config's own default (or a resumed run's
+    value) applies.
+    """
+    names = []
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        if "help" not in meta:
+            continue
+        flags, default_text = meta.pop("flags"), meta.pop("default_text")
+        shown = default_text if default_text is not None else (
+            ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
+        meta["help"] = f"{meta['help']} (default: {shown})"
+        if f.name in (choices or {}):
+            meta["choices"] = choices[f.name]
+        if f.type == "bool":
+            meta["action"] = "store_true"
+        else:
+            meta["type"] = _TYPES[f.type]
+        parser.add_argument(*flags, "--" + f.name.replace("_", "-"), **meta)
+        names.append(f.name)
+    return names

@@ -34,6 +34,7 @@ DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
 #: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
 DEFAULT_SLOTS = {"dkm": 32}
 KM_READ_WRITE = ("mean", "distribution")
+ELBOS = ("trace", "meanfield")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
 #: Network presets (``pyro_kpp.nets.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
@@ -44,69 +45,91 @@ PRESET_DEFAULTS = {
 }
 
 
+def opt(default, help: str, *, flags: tuple[str, ...] = (), default_text: str | None = None, **argparse_kwargs):
+    """A field that is also a command-line option ``--field-name`` (``pyro_kpp.cliargs.add_config_options``):
+    its help, extra ``flags`` (e.g. ``-T``), the default as the help shows it (``default_text``;
+    else the default itself) and further ``argparse`` keywords such as ``choices``."""
+    return field(default=default, metadata={"help": help, "flags": flags, "default_text": default_text,
+                                            **argparse_kwargs})
+
+
 @dataclass
 class Config:
     # what to train
-    model: str = "kpp"
-    preset: str = "cpu"               # networks and optimiser: "cpu" or "paper" (PRESET_DEFAULTS)
-    data: str = "omniglot"
-    data_dir: str | None = None
+    model: str = opt("kpp", "model")
+    preset: str = opt("cpu", "networks and optimiser: cpu = small conv nets and Adam; paper = K++ Appendix E "
+                      "(TSM-ResNet18, EvoNorm decoder, LARS(Adam), one-cycle cosine)", choices=sorted(PRESET_DEFAULTS))
+    data: str = opt("omniglot", "data set")
+    data_dir: str | None = opt(None, "data root", default_text="$PYRO_KPP_DATA, else a per-user cache folder")
     # "bernoulli": dynamically binarized data; "dmol": 8-bit data (k/255, no binarization) under a
     # discretized mixture of logistics (K++ §4). None = by data set (DEFAULT_LIKELIHOOD).
-    likelihood: str | None = None
+    likelihood: str | None = opt(None, "bernoulli: binarized data; dmol: 8-bit data under a discretized mixture of "
+                                 "logistics", choices=sorted(LIKELIHOODS), default_text="dmol for cifar10, else bernoulli")
     image_shape: tuple[int, int, int] = (1, 28, 28)   # filled in from the data set
     # episodes
-    episode_length: int = 32          # T (KM/DKM use 32 on Omniglot)
-    batch_size: int = 8               # B episodes per step
+    episode_length: int = opt(32, "images per episode T (KM/DKM use 32 on Omniglot)", flags=("-T",))
+    batch_size: int = opt(8, "episodes per step B (the global batch under torchrun)", flags=("-B",))
     # K++ memory and reads
-    reads: int = 2                    # K (paper: 2)
-    memory_shape: tuple[int, int, int] = (3, 64, 64)  # C x H x W (paper)
-    window: int = 16                  # h = w of each read window
+    reads: int = opt(2, "K++ reads per image K (paper: 2)", flags=("-K",))
+    memory_shape: tuple[int, int, int] = opt((3, 64, 64), "K++ memory C,H,W (paper: 3,64,64)")
+    window: int = opt(16, "K++ read window h = w")
     # K++ write (KPP_WRITES, models/kpp.py): "pooled" = M = f_mem(mean_t e_t), the paper's literal
     # write (§3.3); "addressed" adds each image's block where its posterior-mean keys read (f_ST^T);
     # "addressed-mean" divides each cell of that addressed part by how much was written into it;
     # "blocks" is the addressed part alone, without f_mem
-    kpp_write: str = "pooled"
-    key_map: str = "tanh"             # K++ keys -> windows (pyro_kpp.spatial.KEY_MAPS): "tanh" or "uniform"
-    kpp_block_res: int = 0            # K++ addressed write: resolution r of each written block (0: the window's)
-    key_min_scale: float = 0.0        # K++: added to every standard deviation of q(y|X) (0: the paper's family)
-    kpp_posterior: str = "x"          # K++ code posterior: "x" = q(z | X) (§3.5); "read" = q(z | X, M, y)
-    writer_channels: int | None = None  # base channels of f_mem; None = by preset (cpu 64, paper 256)
+    kpp_write: str = opt("pooled", "K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's "
+                         "block where its mean keys read; addressed-mean = the same, overlaps averaged; blocks = "
+                         "the addressed part alone", choices=KPP_WRITES)
+    key_map: str = opt("tanh", "K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key "
+                       "prior spread uniformly over the memory at scales near window/memory", choices=KEY_MAPS)
+    kpp_block_res: int = opt(0, "K++ addressed write: resolution of each written block, upsampled to the window",
+                             default_text="0, the window's")
+    key_min_scale: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
+    kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
+                             "p(z|M,y) at the sampled keys", choices=("x", "read"))
+    writer_channels: int | None = opt(None, "base channels of f_mem", default_text="by preset: cpu 64, paper 256")
     # KM / DKM matrix-normal memory, K x code_size (KM §3.1; DKM)
-    slots: int | None = None          # K memory rows; None = by model (DEFAULT_SLOTS, else 64)
-    address_size: int = 50            # KM: S, size of y_t and of the key b_t = f(y_t) (KM §4: 64 x 50 addresses)
+    slots: int | None = opt(None, "KM/DKM memory rows K", default_text="KM 64, DKM 32")
+    address_size: int = opt(50, "KM size S of y_t and of the key b_t = f(y_t) (KM §4: 64 x 50 addresses)")
     # KM: "mean" = write samples of q(y|x), q(z|x) and read the mean-field memory R (KM §3.3-3.4);
     # "distribution" = Appendix F, write the codes' distributions and read p(z | y, R, U)
-    km_read_write: str = "mean"
-    dkm_write_iterations: int = 1     # DKM: solves of w per written image (1: against the memory before it)
+    km_read_write: str = opt("mean", "KM memory access: mean = sampled codes written, mean-field memory read "
+                             "(KM §3.3-3.4); distribution = KM Appendix F", choices=KM_READ_WRITE)
+    dkm_write_iterations: int = opt(1, "DKM solves of w per written image (1: against the memory before it)")
     # sizes shared by all models
-    code_size: int = 64               # L, dimension of z
-    embed_size: int = 256             # D, dimension of e_t
-    hidden: int | None = None         # units of the dense heads; None = by preset (cpu 256, paper 512)
+    code_size: int = opt(64, "dimension L of z")
+    embed_size: int = opt(256, "dimension D of the embedding e_t")
+    hidden: int | None = opt(None, "units of the dense heads", default_text="by preset: cpu 256, paper 512")
     # optimisation
-    elbo: str = "trace"               # "trace" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO)
-    lr: float = 1e-3
-    kl_warmup: int = 1000             # steps of linear KL warm-up from 0 to 1 (0: the plain ELBO throughout)
-    kl_weight: float = 1.0            # training-only constant weight of every KL after the warm-up (experiments)
+    elbo: str = opt("trace", "Pyro ELBO: trace = Trace_ELBO, meanfield = TraceMeanField_ELBO (analytic KLs)",
+                    choices=ELBOS)
+    lr: float = opt(1e-3, "Adam learning rate")
+    kl_warmup: int = opt(1000, "steps over which the KL weight rises linearly from 0 to 1 (0 = none)")
+    kl_weight: float = opt(1.0, "training-only constant weight of every KL after the warm-up, for experiments; "
+                           "reported bounds use 1")
     # Training-only weight of the key / address KL (K++ keys, KM y, DKM w), on top of the warm-up:
     # key_kl_start for key_kl_hold steps, then a cosine ramp to 1 over key_kl_ramp steps
     # (pyro_kpp.schedules). Every reported bound weights it 1.
-    key_kl_start: float = 1.0
-    key_kl_hold: int = 0
-    key_kl_ramp: int = 0
-    key_free_nats: float = 0.0        # free nats of the key KL per image, same schedule, falling to 0
-    clip_norm: float = 100.0          # global gradient-norm clip (0 disables)
-    max_nonfinite: int = 10           # stop after this many non-finite losses/gradients in a row (each skipped)
+    key_kl_start: float = opt(1.0, "training-only weight of the key/address KL at the start (1 = none)")
+    key_kl_hold: int = opt(0, "steps the key KL weight stays at --key-kl-start")
+    key_kl_ramp: int = opt(0, "steps of the cosine ramp of the key KL weight to 1")
+    key_free_nats: float = opt(0.0, "training-only free nats of the key/address KL per image through the hold, "
+                               "falling to 0 over the ramp")
+    clip_norm: float = opt(100.0, "global gradient-norm clip, 0 = off")
+    max_nonfinite: int = opt(10, "stop after this many non-finite losses or gradients in a row, each skipped")
     # Pyro's validation (shape and argument checks) and our input value checks run on the first
     # step of every training process; later steps skip them (each costs host syncs) unless True.
-    validate_every_step: bool = False
-    epochs: int = 100
-    max_steps: int | None = None
-    max_minutes: float | None = None  # training-time budget (excludes evaluation), for equal-budget comparisons
-    seed: int = 0
-    device: str = "auto"
-    valid_images: int = 0             # training images held out as validation episodes for per-epoch figures
-    eval_episodes: int | None = None  # cap on test episodes evaluated each epoch (None: all)
+    validate_every_step: bool = opt(False, "run Pyro's validation and the input value checks on every training step",
+                                    default_text="on the first step of the run or resume only; they cost host syncs")
+    epochs: int = opt(100, "epochs")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps in total", default_text="none")
+    max_minutes: float | None = opt(None, "stop after this much training time (minutes, evaluation excluded); "
+                                    "for equal-budget comparisons", default_text="none")
+    seed: int = opt(0, "seed")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    valid_images: int = opt(0, "hold this many training images out as validation episodes; each epoch's figures "
+                            "are then on them, not on the test split")
+    eval_episodes: int | None = opt(None, "test episodes evaluated each epoch", default_text="all")
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -176,7 +199,7 @@ class Config:
             raise ValueError(f"key_kl_start: expected a weight in (0, 1], got {self.key_kl_start!r}")
         if self.km_read_write not in KM_READ_WRITE:
             raise ValueError(f"km_read_write: expected one of {KM_READ_WRITE}, got {self.km_read_write!r}")
-        if self.elbo not in ("trace", "meanfield"):
+        if self.elbo not in ELBOS:
             raise ValueError(f"elbo: expected 'trace' or 'meanfield', got {self.elbo!r}")
 
     def to_dict(self) -> dict:

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from .api import model_from_state
     from .checkpoint import load_checkpoint
     from .plots import rows_figure
-    from .svi import test_batches
+    from .episodes import Episodes, test_batches
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_state(state).eval()
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
-        episodes = data_lib.Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=False)
+        episodes = Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=False)
         gen = torch.Generator().manual_seed(args.seed)
         summary, rows, labels = evaluate_denoising(model, test_batches(episodes, args.episodes), args.noise, level,
                                                    args.steps, args.write_from, args.feedback, gen, args.show)

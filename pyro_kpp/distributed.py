@@ -11,14 +11,18 @@ Choices (the papers train on one device and say nothing about this):
 * ``--batch-size B`` is the GLOBAL number of episodes per step. Every rank draws the same
   global batch (same seed, same order, same binarization) and trains on its slice of B/W
   episodes, so the data of a W-rank run are exactly those of a single process.
-* Gradients are averaged with one explicit all-reduce after ``backward`` (:meth:`World.
-  average_gradients`), not with ``DistributedDataParallel``: DDP arms its gradient hooks in
-  its wrapped module's ``forward``, while Pyro's ELBO calls the model's ``model``/``guide``
-  methods. Each rank's loss is the mean over its images and the slices are equal, so the mean
-  of the W gradients is the gradient of the global per-image mean: the single-process
-  gradient up to float summation order. The loss rides in the same all-reduce, so every rank
-  sees the global loss and makes the same decisions (clipping, skipping non-finite steps).
-  The price, for these small models, is no overlap of communication with ``backward``.
+* Gradients are averaged by ``torch.nn.parallel.DistributedDataParallel`` (:meth:`World.
+  data_parallel`), wrapping ``pyro_kpp.bound.TrainingLoss``, a small module whose ``forward``
+  returns the training loss (Pyro's ELBO calls the model's ``model``/``guide`` inside it, so
+  DDP's hooks see every parameter's gradient): bucketed all-reduces overlapped with
+  ``backward``, rank 0's weights broadcast at the start and its buffers at every step. With
+  ``find_unused_parameters=True`` a parameter that gets no gradient on some rank counts as a
+  zero gradient there, so ranks that differ in which gradients are None never hang. Each
+  rank's loss is the mean over its images and the slices are equal, so the mean of the W
+  gradients is the gradient of the global per-image mean: the single-process gradient up to
+  float summation order. The loss itself is averaged by one more small all-reduce
+  (:meth:`World.mean`), so every rank makes the same decisions (clipping, skipping
+  non-finite steps).
 * Sampling noise: Pyro draws the reparameterisation noise from torch's global RNG, whose
   stream cannot be split into per-episode slices. Each rank therefore draws from its own
   stream, seeded by (seed, rank) after the model is built: the noise of a W-rank run is a
@@ -45,6 +49,7 @@ import numpy as np
 import pyro
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import rng_state, set_rng_state
 from .device import resolve_device
@@ -72,23 +77,22 @@ class World:
         share = batch_size // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def average_gradients(self, parameters, loss: torch.Tensor) -> torch.Tensor:
-        """Replace every gradient by its mean over the ranks; return the ranks' mean loss (a
-        0-dim tensor, so that the caller decides when to wait for its value).
-
-        One all-reduce of all gradients and the loss, flattened into one buffer.
-        """
+    def data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` itself in one process; with several ranks, wrapped in DistributedDataParallel
+        (which broadcasts rank 0's weights and buffers now, and averages gradients in ``backward``)."""
         if self.size == 1:
-            return loss.detach()
-        grads = [p.grad for p in parameters if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
-        dist.all_reduce(flat)
-        flat /= self.size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return flat[-1]
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a 0-dim tensor over the ranks (e.g. the loss), detached; a 0-dim tensor, so
+        that the caller decides when to wait for its value."""
+        if self.size == 1:
+            return value.detach()
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.size
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank: a decision all ranks share
@@ -98,15 +102,6 @@ class World:
         t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-    def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """Copy rank 0's weights to every rank. They are equal by construction (same seed, built
-        on the CPU); this guards against ranks on machines whose libraries initialise differently."""
-        if self.size == 1:
-            return
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                dist.broadcast(t, src=0)
 
     def seed_sampling(self, seed: int) -> None:
         """With several ranks, give this rank its own sampling stream, seeded by (seed, rank).

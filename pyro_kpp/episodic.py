@@ -5,18 +5,28 @@ single named ``PyroModule`` root (so its parameters never collide with another m
 Pyro's global parameter store) exposing
 
 * ``model(x)`` and ``guide(x)``: the generative program and its guide, with the plates
-  ``episodes`` (dim -2, size B) and ``images`` (dim -1, size T);
+  ``episodes`` (dim -2, size B) and ``images`` (dim -1, size T). Both are decorated with
+  :func:`pyro_program`, which registers every parameter of the model with Pyro's param store
+  (as ``pyro.module`` does), so that ``pyro.infer.SVI`` with any ``pyro.optim`` optimizer trains all of them;
 * ``write(x) -> Memory``: the memory written from episodes;
-* ``infer_keys(x)``: the guide's posterior-mean keys (addresses) for each image;
+* ``infer_keys(x, memory=None)``: the guide's posterior-mean keys (addresses) for each image,
+  solved against ``memory`` where the model's addressing reads it (DKM);
 * ``generate(memory, keys)``: likelihood parameters of images read with given keys;
 * ``prior_keys(memory, n)``: keys drawn from the model's key prior.
+
+Each model supplies its prior over keys (``key_shape``, ``key_scale``; ``key_prior`` is the
+distribution its program samples) and ``code_prior(memory, keys)``, the read p(z | M, keys);
+``generate`` and ``prior_keys`` are written once, here.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
@@ -78,6 +88,18 @@ def _fits(value, shapes: tuple[tuple[int, ...], ...]) -> bool:
             and len({v.shape[0] for v in value}) == 1 and value[0].shape[0] >= 1)
 
 
+def pyro_program(method):
+    """Decorator for a model's ``model`` and ``guide``: every parameter of the model is registered
+    with Pyro's param store first (see ``EpisodicModel.register_parameters``), so
+    that Pyro's own ``SVI`` sees and trains the encoder, decoder and memory nets too, not only
+    the parameters a ``PyroModule`` context happens to touch."""
+    @functools.wraps(method)
+    def program(self, *args, **kwargs):
+        self.register_parameters()
+        return method(self, *args, **kwargs)
+    return program
+
+
 class EpisodicModel(PyroModule):
     """Base class: shared encoder, decoder, likelihood, input checks and embedding reuse."""
 
@@ -88,6 +110,9 @@ class EpisodicModel(PyroModule):
     #: The latent site of each image's key / address (K++ keys y, KM y, DKM w; None for the VAE):
     #: its KL is reported on its own and may get a training-only weight (pyro_kpp.schedules).
     address_site: str | None = None
+    #: The keys' prior is N(0, key_scale^2 I) over ``key_shape()``; ``key_name`` names the keys in errors.
+    key_scale: float = 1.0
+    key_name: str = ""
 
     def __init__(self, cfg: Config, name: str):
         super().__init__(name)
@@ -98,6 +123,22 @@ class EpisodicModel(PyroModule):
         self.decoder = build_decoder(cfg, self.likelihood.out_channels(c))
         self._embedding_cache: dict | None = None
         self._memory_shift = 0
+
+    def register_parameters(self) -> None:
+        """Every parameter into Pyro's param store, named as ``PyroModule`` names its own:
+        ``<root>.<state-dict key>``, e.g. ``kpp.encoder.convs.0.weight`` (what ``pyro.module``
+        does, under the root's name, for the plain ``nn.Module`` nets too).
+
+        A parameter of the same name left in the store by another model instance (one built
+        earlier under the same root name) is replaced by this model's own first: the store then
+        always holds the tensors this model computes with, so ``SVI`` never trains stale copies.
+        """
+        store = pyro.get_param_store()
+        for name, value in self.named_parameters():
+            full = f"{self._pyro_name}.{name}"
+            if full in store and store[full].unconstrained() is not value:
+                del store[full]
+            pyro.param(full, value)
 
     # -- inputs ---------------------------------------------------------------------------
     def check_episode(self, x: torch.Tensor, argname: str = "episode") -> tuple[int, int]:
@@ -229,7 +270,51 @@ class EpisodicModel(PyroModule):
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""
         return over_leading(self.decoder, z, 1)
 
+    # -- the key prior and the read, shared by the program and generation ---------------------
+    def key_prior(self, like: torch.Tensor) -> dist.Distribution:
+        """p(keys) of one image: N(0, key_scale^2 I) with event shape ``key_shape()``, on ``like``'s device and dtype."""
+        shape = self.key_shape()
+        return dist.Normal(like.new_zeros(()), like.new_tensor(self.key_scale)).expand(shape).to_event(len(shape))
+
+    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Keys from the key prior: (B, n, *key_shape)."""
+        value = memory.value[0] if isinstance(memory.value, tuple) else memory.value
+        return self.key_scale * torch.randn(memory.episodes, n, *self.key_shape(), generator=generator,
+                                            device=value.device, dtype=value.dtype)
+
+    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, N, C', H, W) of images read from ``memory`` with keys
+        (B, N, *key_shape): z ~ p(z | M, keys) (its mean when ``sample_z`` is False), decoded."""
+        check_keys(memory, keys, self.key_shape(), self.key_name)
+        return self.decode_code(*self.code_prior(memory.value, keys), sample_z, generator)   # (B, N, L) codes
+
+    def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Likelihood parameters (B, T, C', H, W) of the queries x (B, T, C, H, W) read back from
+        ``memory`` at their keys (B, T, *key_shape), as iterative reading does: through the code
+        prior p(z | M, keys) (``generate``) unless a model's reading also sees the query (KM)."""
+        return self.generate(memory, keys, sample_z, generator)
+
+    def decode_code(self, z_loc: torch.Tensor, z_scale: torch.Tensor | None, sample_z: bool,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """Decode z ~ N(z_loc, z_scale^2) (..., L), or z_loc itself when ``sample_z`` is False or
+        there is no scale."""
+        if sample_z and z_scale is not None:
+            z_loc = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
+                                                  dtype=z_loc.dtype)
+        return self.decode(z_loc)
+
     # -- the interface each model implements ----------------------------------------------
+    def key_shape(self) -> tuple[int, ...]:
+        """The shape of one image's keys (addresses)."""
+        raise NotImplementedError
+
+    def code_prior(self, memory, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """loc and scale of p(z | M, keys): (..., B, N, L) for a memory value (B, ...) and keys
+        (..., B, N, *key_shape); a scale of None means z is the loc itself."""
+        raise NotImplementedError
+
     def model(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -239,12 +324,5 @@ class EpisodicModel(PyroModule):
     def write(self, x: torch.Tensor) -> Memory:
         raise NotImplementedError
 
-    def infer_keys(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
         raise NotImplementedError

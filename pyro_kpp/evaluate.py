@@ -28,7 +28,7 @@ from .config import Config
 from .device import resolve_device
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
-from .svi import make_episodes, test_batches
+from .episodes import make_episodes, test_batches
 
 
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",

@@ -50,7 +50,7 @@ class Bernoulli:
             bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
             raise ValueError(
                 f"{argname}: the Bernoulli likelihood needs binary pixels (0 or 1), got values "
-                f"such as {bad}; binarize the data first (pyro_kpp.data.Episodes does)"
+                f"such as {bad}; binarize the data first (pyro_kpp.episodes.Episodes does)"
             )
 
 
@@ -80,7 +80,7 @@ class DiscretizedLogistics:
             bad = x[~ok].flatten()[:3].tolist()
             raise ValueError(
                 f"{argname}: the dmol likelihood needs 8-bit images, values k/{LEVELS - 1} for integers k in "
-                f"0..{LEVELS - 1} (uint8 / {LEVELS - 1}), got values such as {bad}; pyro_kpp.data.Episodes "
+                f"0..{LEVELS - 1} (uint8 / {LEVELS - 1}), got values such as {bad}; pyro_kpp.episodes.Episodes "
                 f"gives them with binarize=False"
             )
 

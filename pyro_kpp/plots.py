@@ -58,7 +58,7 @@ def reconstruction_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16) -> l
         z = poutine.trace(model.guide).get_trace(x).nodes["z"]["value"]          # (1, T, L)
     through_guide = model.likelihood.mean(model.decode(z))[0, :n]
     memory = model.write(x)
-    params = model.generate(memory, model.infer_keys(x), sample_z=False)
+    params = model.generate(memory, model.infer_keys(x, memory), sample_z=False)
     return [x[0, :n], through_guide, model.likelihood.mean(params)[0, :n]]
 
 

@@ -23,6 +23,7 @@ import pyro_kpp
 from pyro_kpp import data as D
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
+from pyro_kpp.episodes import make_episodes
 
 
 def make_cifar10(root: Path, per_batch: int = 8, n_test: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -116,7 +117,7 @@ def test_svi_then_evaluate_end_to_end(tmp_path, capsys):
 
     model = pyro_kpp.load(run)
     data = D.load_dataset("cifar10", tmp_path / "data")
-    episode = next(iter(svi.make_episodes(model.cfg, data, torch.device("cpu")).test_episodes()))
+    episode = next(iter(make_episodes(model.cfg, data, torch.device("cpu")).test_episodes()))
     pixels = pyro_kpp.sample(pyro_kpp.write(model, episode), n=2, binary=True, as_uint8=True)
     assert pixels.dtype == torch.uint8 and pixels.shape == (episode.shape[0], 2, 3, 32, 32)
 

@@ -107,3 +107,16 @@ def test_module_entry_points_run(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "test conditional bound (-ELBO):" in out.stdout and "nats/image" in out.stdout
+
+
+def test_options_are_generated_from_the_config():
+    """Every option comes from a Config field's metadata: its flags, type and the default in its help;
+    an option not given is absent, so the config's default (or a resumed run's value) applies."""
+    parser = svi.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "-T EPISODE_LENGTH, --episode-length EPISODE_LENGTH images per episode T" in text
+    assert "(default: 32)" in text and "(default: 3,64,64)" in text and "(default: by preset: cpu 256, paper 512)" in text
+    args = parser.parse_args(["-T", "5", "--memory-shape", "3,16,16", "--validate-every-step", "--lr", "0.01"])
+    assert vars(args) == {"episode_length": 5, "memory_shape": (3, 16, 16), "validate_every_step": True, "lr": 0.01}
+    cfg = svi.config_from_args(args, None)
+    assert (cfg.episode_length, cfg.memory_shape, cfg.batch_size) == (5, (3, 16, 16), 8)

@@ -19,6 +19,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 from pyro_kpp import data as D
+from pyro_kpp import episodes as E
+from pyro_kpp import omniglot as O
 
 from helpers import make_mnist
 
@@ -75,7 +77,7 @@ def _make_omniglot(root: Path, per_split: int = 4) -> list[Path]:
     """A tiny Omniglot tree: per split one alphabet, one character, ``per_split`` drawers; each
     PNG is 105x105 1-bit, white background, with a black bar whose position varies."""
     paths = []
-    for s, split in enumerate(D.OMNIGLOT_SPLITS):
+    for s, split in enumerate(O.OMNIGLOT_SPLITS):
         char_id = 7 + 100 * s
         folder = root / "omniglot-py" / split / f"Alphabet_{s}" / "character01"
         folder.mkdir(parents=True)
@@ -136,7 +138,7 @@ def test_omniglot_matches_protocol_for_single_files(omniglot, real_root):
     folder = real_root / "omniglot-py"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("images_*/*/*/*.png"))
     assert len(files) == 32460 and files[0].startswith("images_background/")
-    train_idx, test_idx = D.omniglot_split(len(files))
+    train_idx, test_idx = O.omniglot_split(len(files))
     for split, idx, pos in (("train", train_idx, 0), ("train", train_idx, 12345), ("test", test_idx, 8114)):
         file = files[int(idx[pos])]
         with Image.open(folder / file) as im:
@@ -148,8 +150,8 @@ def test_omniglot_matches_protocol_for_single_files(omniglot, real_root):
 
 
 def test_omniglot_split_deterministic_and_disjoint():
-    train, test = D.omniglot_split(32460)
-    train2, test2 = D.omniglot_split(32460)
+    train, test = O.omniglot_split(32460)
+    train2, test2 = O.omniglot_split(32460)
     assert torch.equal(train, train2) and torch.equal(test, test2)
     assert len(train) == 24345 and len(test) == 8115
     assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(32460))
@@ -166,7 +168,7 @@ def test_omniglot_cache_hit_decodes_nothing_and_is_identical(omniglot, real_root
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cache hit must not decode PNGs")
 
-    monkeypatch.setattr(D, "_decode_omniglot", no_decoding)
+    monkeypatch.setattr(O, "_decode_omniglot", no_decoding)
     again = D.load_dataset("omniglot")
     assert again is not omniglot, "the memo was cleared, so this came from the disk cache"
     for field in ("train", "test", "train_labels", "test_labels"):
@@ -200,7 +202,7 @@ def test_omniglot_corrupt_png_is_a_data_error(tmp_path):
 
 
 def test_omniglot_empty_split_folder_is_a_data_error(tmp_path):
-    for split in D.OMNIGLOT_SPLITS:
+    for split in O.OMNIGLOT_SPLITS:
         (tmp_path / "omniglot-py" / split).mkdir(parents=True)
     with pytest.raises(D.DataError, match="no PNG files") as err:
         D.load_dataset("omniglot", tmp_path)  # present, so no download is attempted
@@ -331,7 +333,7 @@ def test_cache_dir_env_and_xdg(tmp_path, monkeypatch):
 
 
 def test_episodes_shapes_and_binary_values(omniglot):
-    ep = D.Episodes(omniglot, episode_length=32, batch_size=16, seed=3)
+    ep = E.Episodes(omniglot, episode_length=32, batch_size=16, seed=3)
     assert ep.steps_per_epoch() == 48  # ceil(24345 / 512)
     batch = next(iter(ep.train_epoch(0)))
     assert batch.shape == (16, 32, 1, 28, 28) and batch.dtype == torch.float32
@@ -343,17 +345,17 @@ def test_episodes_shapes_and_binary_values(omniglot):
 
 def test_episodes_grey_and_uint8_views():
     data = _synthetic()
-    grey = next(iter(D.Episodes(data, 5, 2, seed=0, binarize=False).train_epoch(0)))
+    grey = next(iter(E.Episodes(data, 5, 2, seed=0, binarize=False).train_epoch(0)))
     assert grey.dtype == torch.float32 and torch.allclose(grey[..., 1:, :], torch.full_like(grey[..., 1:, :], 128 / 255))
-    raw = next(iter(D.Episodes(data, 5, 2, seed=0, binarize=False, as_uint8=True).train_epoch(0)))
+    raw = next(iter(E.Episodes(data, 5, 2, seed=0, binarize=False, as_uint8=True).train_epoch(0)))
     assert raw.dtype == torch.uint8 and torch.equal(raw.float() / 255, grey)
     with pytest.raises(ValueError, match="as_uint8"):
-        D.Episodes(data, 5, 2, seed=0, binarize=True, as_uint8=True)
+        E.Episodes(data, 5, 2, seed=0, binarize=True, as_uint8=True)
 
 
 def test_test_episodes_fixed_across_calls_objects_and_seeds(omniglot):
-    a = D.Episodes(omniglot, 32, 16, seed=1)
-    b = D.Episodes(omniglot, 32, 16, seed=99)
+    a = E.Episodes(omniglot, 32, 16, seed=1)
+    b = E.Episodes(omniglot, 32, 16, seed=99)
     assert a.num_test_episodes() == 253  # 8115 = 253 * 32 + 19
     first = list(a.test_episodes())
     assert [len(x) for x in first] == [16] * 15 + [13]
@@ -366,7 +368,7 @@ def test_test_episodes_fixed_across_calls_objects_and_seeds(omniglot):
 
 def test_test_episodes_drop_the_remainder_and_cover_distinct_images():
     data = _synthetic(n_test=23)
-    ep = D.Episodes(data, 5, 3, seed=0, binarize=False, as_uint8=True)
+    ep = E.Episodes(data, 5, 3, seed=0, binarize=False, as_uint8=True)
     episodes = torch.cat(list(ep.test_episodes()))
     assert ep.num_test_episodes() == 4 and episodes.shape[:2] == (4, 5)
     ids = _indices(episodes).flatten()
@@ -374,19 +376,19 @@ def test_test_episodes_drop_the_remainder_and_cover_distinct_images():
 
 
 def test_train_epochs_differ_and_seeds_reproduce(omniglot):
-    ep = D.Episodes(omniglot, 32, 4, seed=5)
+    ep = E.Episodes(omniglot, 32, 4, seed=5)
     first0 = next(iter(ep.train_epoch(0)))
     first1 = next(iter(ep.train_epoch(1)))
     assert not torch.equal(first0, first1)
-    assert torch.equal(first0, next(iter(D.Episodes(omniglot, 32, 4, seed=5).train_epoch(0))))
-    assert not torch.equal(first0, next(iter(D.Episodes(omniglot, 32, 4, seed=6).train_epoch(0))))
+    assert torch.equal(first0, next(iter(E.Episodes(omniglot, 32, 4, seed=5).train_epoch(0))))
+    assert not torch.equal(first0, next(iter(E.Episodes(omniglot, 32, 4, seed=6).train_epoch(0))))
     assert not torch.equal(ep.train_order(0), ep.train_order(1))
 
 
 def test_resume_at_start_step_reproduces_the_tail(omniglot):
-    ep = D.Episodes(omniglot, 32, 16, seed=11)
+    ep = E.Episodes(omniglot, 32, 16, seed=11)
     full = list(ep.train_epoch(2))
-    tail = list(D.Episodes(omniglot, 32, 16, seed=11).train_epoch(2, start_step=45))
+    tail = list(E.Episodes(omniglot, 32, 16, seed=11).train_epoch(2, start_step=45))
     assert len(full) == 48 and len(tail) == 3
     assert all(torch.equal(x, y) for x, y in zip(full[45:], tail, strict=True))
     assert list(ep.train_epoch(2, start_step=48)) == []
@@ -395,14 +397,14 @@ def test_resume_at_start_step_reproduces_the_tail(omniglot):
 
 
 def test_every_train_image_seen_each_epoch(omniglot):
-    ep = D.Episodes(omniglot, 32, 16, seed=0)
+    ep = E.Episodes(omniglot, 32, 16, seed=0)
     for epoch in (0, 1):
         order = ep.train_order(epoch)
         assert order.shape == (48, 16, 32)
         assert torch.equal(order.flatten().unique(), torch.arange(24345))
     # and the yielded images are those of the order, including the wrap-around at the end
     data = _synthetic(n_train=100)
-    ep = D.Episodes(data, 7, 3, seed=2, binarize=False, as_uint8=True)
+    ep = E.Episodes(data, 7, 3, seed=2, binarize=False, as_uint8=True)
     batches = list(ep.train_epoch(4))
     assert len(batches) == ep.steps_per_epoch() == 5  # 105 slots for 100 images
     seen = torch.cat([_indices(b).flatten() for b in batches])
@@ -413,14 +415,14 @@ def test_every_train_image_seen_each_epoch(omniglot):
 def test_episode_argument_validation():
     data = _synthetic(n_train=100, n_test=23)
     with pytest.raises(D.DataError, match="episode_length.*longer than the train split"):
-        D.Episodes(data, 101, 2, seed=0)
+        E.Episodes(data, 101, 2, seed=0)
     with pytest.raises(D.DataError, match="episode_length.*longer than the test split"):
-        D.Episodes(data, 24, 2, seed=0)
+        E.Episodes(data, 24, 2, seed=0)
     for kwargs, arg in (({"episode_length": 0}, "episode_length"), ({"batch_size": 0}, "batch_size")):
         args = {"episode_length": 5, "batch_size": 2} | kwargs
         with pytest.raises(ValueError, match=arg):
-            D.Episodes(data, **args, seed=0)
-    ep = D.Episodes(data, 5, 2, seed=0)
+            E.Episodes(data, **args, seed=0)
+    ep = E.Episodes(data, 5, 2, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         ep.test_episodes(batch_size=0)
 

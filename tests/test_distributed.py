@@ -1,8 +1,10 @@
 """Data-parallel training (pyro_kpp.distributed): 2 CPU ranks with gloo.
 
-* The helpers, exactly: the averaged gradient of two ranks' slices is the gradient of the
-  whole batch (a sum instead of a mean, or no all-reduce, fails), decisions are shared, a
-  weight divergence between ranks is caught, RNG states survive a checkpoint.
+* The helpers, exactly: under DistributedDataParallel every rank starts from rank 0's weights,
+  the averaged gradient of two ranks' slices is the gradient of the whole batch (a sum instead
+  of a mean, or no all-reduce, fails), ranks that differ in which gradients are None do not
+  hang, decisions are shared, a weight divergence between ranks is caught, RNG states survive
+  a checkpoint.
 * The CLI under torchrun: the loss trajectory of 2 ranks (stopped after 4 steps, then resumed)
   follows a single process with the same global batch and seed. The ranks draw their own
   sampling noise (see pyro_kpp.distributed), so the two agree up to Monte Carlo noise only:
@@ -27,6 +29,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyro_kpp import distributed, svi
+from pyro_kpp.checkpoint import load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args
 
@@ -39,6 +42,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _MSE(torch.nn.Module):
+    """A module whose forward returns the loss, as DDP wants it (pyro_kpp.bound.TrainingLoss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 2)
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+class _Branches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+
+    def forward(self, x, use_b: bool):
+        return (self.a(x) + self.b(x) if use_b else self.a(x)).sum()
+
+
 def _helpers_worker(rank: int, port: int) -> None:
     """One gloo rank: checks the helpers against what one process computes on the whole batch."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -47,20 +70,32 @@ def _helpers_worker(rank: int, port: int) -> None:
     world = distributed.init("cpu")
     assert (world.rank, world.size, world.is_main) == (rank, WORLD, rank == 0)
 
-    torch.manual_seed(0)                      # same data and weights on both ranks
-    net = torch.nn.Linear(3, 2)
+    torch.manual_seed(0)                      # same data on both ranks
     x, y = torch.randn(4, 3), torch.randn(4, 2)
-    full = torch.nn.functional.mse_loss(net(x), y)
-    expected = torch.autograd.grad(full, list(net.parameters()))
+    torch.manual_seed(rank)                   # different weights: DDP must start every rank from rank 0's
+    loss_fn = world.data_parallel(_MSE())
+    net = loss_fn.module.net
+    torch.manual_seed(0)
+    reference = _MSE()                        # rank 0's initial weights, built in one process
+    full = reference(x, y)
+    expected = torch.autograd.grad(full, list(reference.parameters()))
+    for p, q in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
     mine = world.episodes(4)
     assert mine == slice(2 * rank, 2 * rank + 2)
-    loss = torch.nn.functional.mse_loss(net(x[mine]), y[mine])
-    loss.backward()
-    value = world.average_gradients(net.parameters(), loss)
+    loss = loss_fn(x[mine], y[mine])
+    loss.backward()                           # DDP averages the gradients
+    value = world.mean(loss)
     assert value.item() == pytest.approx(full.item(), rel=1e-6)
     for p, g in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+
+    # Ranks that differ in which parameters get a gradient: no hang; the unused one counts as 0.
+    branches = world.data_parallel(_Branches())
+    branches(torch.ones(1, 3), use_b=rank == 1).backward()
+    torch.testing.assert_close(branches.module.b.weight.grad, torch.full((1, 3), 0.5))   # (0 + 1) / 2
+    torch.testing.assert_close(branches.module.a.weight.grad, torch.ones(1, 3))
 
     assert world.any(rank == 1) and not world.any(False)
 
@@ -122,7 +157,7 @@ def test_two_ranks_follow_one_process_and_resume(tmp_path):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert sorted(p.name for p in (two / "images").iterdir()) == sorted(
         p.name for p in (tmp_path / "one" / "images").iterdir())
-    ranks = torch.load(two / "checkpoint.pt", weights_only=False)["rng"]["ranks"]
+    ranks = load_checkpoint(two)["rng"]["ranks"]
     assert len(ranks) == WORLD
 
     # Same data, averaged gradients: the trajectories agree up to Monte Carlo noise.

@@ -12,6 +12,7 @@ from pyro import poutine
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 from pyro_kpp.bound import PARTICLE_DIM, evaluate, image_bounds, log_weights, make_elbo, training_loss
+from pyro_kpp.generation import iterative_read
 from pyro_kpp.matrix_normal import MatrixNormal, ridge_weights
 from pyro_kpp.registry import build_model
 
@@ -181,19 +182,19 @@ def test_importance_weighting_is_over_whole_episodes():
     assert (b["iw"].sum(-1) >= b["elbo"].sum(-1) - 1e-4).all()
 
 
-def test_attractor_read_addresses_the_fixed_memory():
+def test_iterative_read_is_attractor_dynamics_against_the_fixed_memory():
     torch.manual_seed(0)
     model = build_model(tiny_config(**DKM)).eval()
     x, other = episode(seed=1), episode(seed=2)
     memory = model.write(x)
     R = memory.value[0].clone()
-    reading = model.attractor_read(memory, other, steps=3, generator=torch.Generator().manual_seed(0))
+    reading = iterative_read(model, memory, other, steps=3, generator=torch.Generator().manual_seed(0))
     assert reading.params.shape == (3, 2, 4, 1, 28, 28) and reading.keys.shape == (3, 2, 4, 6)
     for step in range(3):
         codes = model.q.codes(model.embed(reading.queries[step]))
         torch.testing.assert_close(reading.keys[step], ridge_weights(R, codes, 1.0))
     assert torch.equal(memory.value[0], R)                                  # only read, never written
-    # outside attractor_read, keys are solved against the query's own written memory
+    # without a memory, keys are solved against the query's own written memory
     own = model.write_memory(model.q.codes(model.embed(other)))[0]
     torch.testing.assert_close(model.infer_keys(other), ridge_weights(own, model.q.codes(model.embed(other)), 1.0))
 

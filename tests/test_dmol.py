@@ -261,7 +261,7 @@ def test_sampling_returns_8_bit_images():
 def test_fashion_mnist_dmol_bound_decreases():
     """A few Adam steps on real 8-bit Fashion-MNIST lower the test bound (nats/image)."""
     from pyro_kpp import data as D
-    from pyro_kpp.svi import make_episodes
+    from pyro_kpp.episodes import make_episodes
 
     try:
         data = D.load_dataset("fashion-mnist", offline=True)

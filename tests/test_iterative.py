@@ -10,7 +10,8 @@ from PIL import Image
 import pyro_kpp
 from pyro_kpp import generation as G
 from pyro_kpp.generation.__main__ import main as generation_main
-from pyro_kpp.data import DataError, ImageData, class_episodes
+from pyro_kpp.data import DataError, ImageData
+from pyro_kpp.episodes import class_episodes
 from pyro_kpp.registry import MODELS, build_model
 
 from helpers import tiny_config

@@ -17,7 +17,7 @@ import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
 from pyro_kpp.bound import PARTICLE_DIM, log_weights, make_elbo, training_loss
-from pyro_kpp.data import Episodes
+from pyro_kpp.episodes import Episodes
 from pyro_kpp.registry import build_model
 
 from helpers import tiny_cli_args, tiny_config
@@ -104,7 +104,7 @@ def test_prior_row_covariance_is_spd_for_any_parameters():
         model.prior.tril_raw.normal_(0, 3)
         model.prior.diag_raw.normal_(0, 5)
     U0 = model.prior.row_covariance()
-    assert torch.equal(U0, U0.T)
+    assert torch.equal(U0, U0.T)                 # symmetrised in the code: exact on any BLAS
     assert torch.linalg.eigvalsh(U0.double()).min() > 0
     A = model.addresses()
     torch.testing.assert_close(A.norm(dim=-1), torch.ones(6))
@@ -128,8 +128,12 @@ def test_model_and_guide_trace_shapes(mode):
         "z": ((2, 4), (8,)),
         "x": ((2, 4), (1, 28, 28)),
     }
-    assert site_shapes(guide_tr) == {"y": ((2, 4), (5,)), "z": ((2, 4), (8,))}
-    assert model_tr.nodes["memory"]["infer"].get("_deterministic")
+    assert site_shapes(guide_tr) == {"memory": ((2, 1), (6, 8)), "memory_row_cov": ((2, 1), (6, 6)),
+                                     "y": ((2, 4), (5,)), "z": ((2, 4), (8,))}
+    # the model reads the guide's write (replayed), and the written memory adds nothing to the bound
+    for site in ("memory", "memory_row_cov"):
+        assert torch.equal(model_tr.nodes[site]["value"], guide_tr.nodes[site]["value"])
+        assert not model_tr.nodes[site]["fn"].log_prob(model_tr.nodes[site]["value"]).any()
     assert site_plates(model_tr) == {"memory": {"episodes"}, "memory_row_cov": {"episodes"},
                                      "y": {"episodes", "images"}, "z": {"episodes", "images"},
                                      "x": {"episodes", "images"}}
@@ -148,12 +152,13 @@ def test_particle_shapes_and_one_written_memory_per_evaluation():
             model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
         again = poutine.trace(model.guide).get_trace(x)
         memory_again = poutine.trace(poutine.replay(model.model, trace=again)).get_trace(x).nodes["memory"]["value"]
-    assert site_shapes(guide_tr) == {"y": ((3, 2, 4), (5,)), "z": ((3, 2, 4), (8,))}
+    assert site_shapes(guide_tr) == {"memory": ((3, 2, 1), (6, 8)), "memory_row_cov": ((3, 2, 1), (6, 6)),
+                                     "y": ((3, 2, 4), (5,)), "z": ((3, 2, 4), (8,))}
     model_tr.compute_log_prob()
     for site in ("y", "z", "x"):
         assert model_tr.nodes[site]["log_prob"].shape == (3, 2, 4), site
     # inside reuse_embedding the stochastic write is drawn once: every trace reads the same memory
-    assert torch.equal(model_tr.nodes["memory"]["value"], memory_again)
+    assert torch.equal(model_tr.nodes["memory"]["value"], memory_again.expand(3, *memory_again.shape))
     fresh = poutine.trace(model.model).get_trace(x).nodes["memory"]["value"]
     assert not torch.allclose(fresh, memory_again)
 
@@ -189,7 +194,7 @@ def test_distribution_read_adds_the_memory_uncertainty():
     memory = model.write(x)
     y = model.prior_keys(memory, 3, generator=torch.Generator().manual_seed(0))
     R, U = memory.value
-    _, scale = model.code_prior(R, U, y)                                    # (B, 3, L)
+    _, scale = model.code_prior((R, U), y)                                  # (B, 3, L)
     w = model.weights(y)
     expected = (torch.einsum("bnk,bkj,bnj->bn", w, U, w) + 1.0).sqrt()
     torch.testing.assert_close(scale, expected.unsqueeze(-1).expand(scale.shape))
@@ -242,3 +247,16 @@ def test_svi_cli_tiny_run_then_evaluate_load_write_sample(name, tmp_path, capsys
     keys = model.infer_keys(x.unsqueeze(0))
     binary = pyro_kpp.sample(memory, keys, binary=True)
     assert binary.shape == (1, 4, 1, 28, 28) and set(binary.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_iterative_read_decodes_the_code_posterior():
+    """KM Algorithm 1: a query read back from the memory decodes the mean of q(z | x, y, M)."""
+    from pyro_kpp.generation import iterative_read
+    model = build_model(tiny_config(**KM)).eval()
+    x = episode()
+    memory = model.write(x)
+    reading = iterative_read(model, memory, x, steps=1)
+    y = model.infer_keys(x, memory)
+    z_loc, _ = model.q.code_posterior(model.embed(x), model.readout(memory.value[0], y))
+    torch.testing.assert_close(reading.params[0], model.decode(z_loc))
+    assert not torch.allclose(reading.params[0], model.generate(memory, y, sample_z=False))

@@ -14,10 +14,10 @@ import pyro
 import pytest
 import torch
 
-from pyro_kpp import svi
+from pyro_kpp import bound, svi
 from pyro_kpp.bound import image_bounds, make_elbo, training_loss
 from pyro_kpp.registry import MODELS, build_model
-from pyro_kpp.checkpoint import CheckpointError, load_checkpoint
+from pyro_kpp.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args, tiny_config
 
@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(straight_run, small_data, 
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = svi.training_loss
+    real = bound.training_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -113,7 +113,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(svi, "training_loss", sometimes_nan)
+    monkeypatch.setattr(bound, "training_loss", sometimes_nan)
     run = tmp_path / "run"
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", *tiny_cli_args(),
                      "--max-steps", "6"]) == 0
@@ -128,8 +128,8 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(tmp_pat
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", *tiny_cli_args(),
                      "--max-steps", "2"]) == 0
     good = load_checkpoint(run)
-    real = svi.training_loss
-    monkeypatch.setattr(svi, "training_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = bound.training_loss
+    monkeypatch.setattr(bound, "training_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SystemExit) as exit_info:
         svi.main(["--resume", str(run), "--max-steps", "20", "--max-nonfinite", "3", "--no-progress"])
     assert exit_info.value.code == 2
@@ -189,6 +189,23 @@ def test_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
     torch.save({"weights": 1}, run / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a pyro_kpp checkpoint"):
         load_checkpoint(run)
+
+
+class _Payload:
+    """Stands for what a malicious checkpoint would smuggle: unpickling it calls ``os.system``."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.devnull,))
+
+
+@pytest.mark.parametrize("payload", [os.system, _Payload()])
+def test_a_checkpoint_smuggling_code_is_refused_unopened(tmp_path, payload):
+    """Checkpoints load with weights_only=True: a pickled callable is an error, never a call."""
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": {}, "model": {}, "step": 0,
+             "hook": payload}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="objects other than tensors and plain data"):
+        load_checkpoint(tmp_path)
 
 
 def test_resume_targets_must_leave_work_to_do(tmp_path, capsys):

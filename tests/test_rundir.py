@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyro_kpp import checkpoint as checkpoint_module
-from pyro_kpp import rundir, svi
+from pyro_kpp import bound, rundir, svi
 from pyro_kpp.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from pyro_kpp.config import Config
 
@@ -90,7 +90,7 @@ def test_default_run_folders_are_unique_within_one_second(tmp_path, monkeypatch)
 
 def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    monkeypatch.setattr(svi, "training_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(bound, "training_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     line = _exit_line(capsys, lambda: _svi(run, "--max-steps", "5", "--max-nonfinite", "2"))
     assert "2 steps in a row" in line and "No checkpoint was written" in line and "kept" not in line
     assert not run.exists()

@@ -28,7 +28,8 @@ from torch import nn
 
 from pyro_kpp.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.config import Config
-from pyro_kpp.data import Episodes, ImageData
+from pyro_kpp.data import ImageData
+from pyro_kpp.episodes import Episodes
 from pyro_kpp.episodic import EpisodicModel
 from pyro_kpp.registry import MODELS, build_model
 

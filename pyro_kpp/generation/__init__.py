@@ -1,14 +1,17 @@
 """Reading from a fixed memory: iterative reading, generation, clean-up, interpolation.
 
 Everything here goes through the ``EpisodicModel`` interface only (``write``, ``infer_keys``,
-``generate``, ``prior_keys`` and the likelihood), so it works for every model of the package.
+``generate``, ``read``, ``prior_keys`` and the likelihood), so it works for every model of the package.
 
 Iterative reading (K++ §3.5 eq. 7; KM §3.5 and Appendix G, Algorithm 1). The memory is held
 fixed; at each step the keys are re-inferred from the current query through the guide's key
 posterior, the memory is read at those keys and decoded, and a reconstruction drawn from the
 likelihood becomes the next query:
 
-    y* = infer_keys(x_i),   params_i = generate(M, y*),   x_{i+1} ~ p(x | params_i).
+    y* = infer_keys(x_i, M),   params_i = read(M, x_i, y*),   x_{i+1} ~ p(x | params_i).
+
+The keys are inferred *against the fixed memory* M: for DKM, whose addresses are solved against
+a memory, this is DKM's attractor dynamics; K++, KM and the VAE infer keys without reading M.
 
 Choices where the papers are silent or where the interface differs (also in the README):
 
@@ -22,10 +25,10 @@ Choices where the papers are silent or where the interface differs (also in the 
 * **Keys.** ``infer_keys`` gives the posterior mean of q(y|x); eq. 7 uses one sample
   Y* ~ q(Y|X). We read at the mean (the interface exposes no key sample), which removes one
   source of sampling noise from the iteration; the fed-back image is still a sample.
-* **Code.** K++ Fig. 5 decodes the mean of p(z|M,y) at evaluation (decode mu_z), so
-  ``sample_z=False`` by default. KM Algorithm 1 instead samples z from q(z|x, y, M), a
-  posterior that also sees the query; the shared interface reads through the memory prior
-  p(z|y, M) only, so for KM/DKM iterative reading here follows K++ eq. 7.
+* **Code.** ``read`` decodes the code read at the keys: K++, DKM and the VAE read it from the
+  memory prior p(z|M,y) and, by K++ Fig. 5 (decode mu_z at evaluation), take its mean,
+  ``sample_z=False`` by default; KM reads it from the posterior q(z|x, y, M), which also sees
+  the query (KM Algorithm 1), its mean by default as well (``sample_z=True`` samples it).
 * **Perturbed keys** (K++ §4.1.1): y + eps, eps ~ N(0, 0.1^2 I); the paper writes N(0, 0.1)
   and we read 0.1 as the standard deviation.
 * **Interpolation** (KM §4.3 interpolates the addressing weights of two images): we
@@ -111,8 +114,8 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
     queries, keys, params = [], [], []
     query = x
     for step in range(steps):
-        k = model.infer_keys(query)                              # (B, T, *key_shape)
-        p = model.generate(memory, k, sample_z=sample_z, generator=generator)  # (B, T, C', H, W)
+        k = model.infer_keys(query, memory)                      # (B, T, *key_shape)
+        p = model.read(memory, query, k, sample_z=sample_z, generator=generator)  # (B, T, C', H, W)
         queries.append(query)
         keys.append(k)
         params.append(p)
@@ -174,7 +177,7 @@ def interpolate(model: EpisodicModel, memory: Memory, x: torch.Tensor, i: int, j
     for name, idx in (("i", i), ("j", j)):
         if not 0 <= idx < T:
             raise ValueError(f"{name}: expected an image index in 0..{T - 1}, got {idx!r}")
-    keys = model.infer_keys(x)                                    # (B, T, *key_shape)
+    keys = model.infer_keys(x, memory)                            # (B, T, *key_shape)
     return model.generate(memory, interpolate_keys(keys[:, i], keys[:, j], n), sample_z=False)
 
 
@@ -196,7 +199,7 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
     * perturbed: 4 rows, each n perturbations y + eps of one prior key (K++ Fig. 7);
     * clean-up: generations from prior keys, then each clean-up step (K++ Fig. 6 left);
     * one-shot: as clean-up, under the conditioning episode (KM Fig. 4, for x from
-      ``pyro_kpp.data.class_episodes``);
+      ``pyro_kpp.episodes.class_episodes``);
     * interpolate: up to 4 rows between the keys of images (0, 1), (2, 3), ... (KM §4.3);
     * iterative-read: the episode, then each step of reading it iteratively (K++ eq. 7).
     """

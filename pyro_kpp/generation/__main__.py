@@ -11,6 +11,7 @@ import torch
 from .. import data as data_lib
 from ..api import load
 from ..cliargs import finite_float, positive_int
+from ..episodes import Episodes, class_episodes
 from ..plots import rows_figure
 from . import FEEDBACKS, MODES, PERTURBATION_STD, figure_rows
 
@@ -45,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         binarize = model.likelihood.binarized
         if args.mode == "one-shot":
             T = args.episode_length or 12
-            x, _ = data_lib.class_episodes(data, args.classes, T, seed=args.seed, binarize=binarize)
+            x, _ = class_episodes(data, args.classes, T, seed=args.seed, binarize=binarize)
         else:
             T = args.episode_length or cfg.episode_length
             if args.mode == "interpolate" and T < 2:
                 raise ValueError(f"--episode-length: interpolate needs episodes of at least 2 images, got {T}")
-            x = next(iter(data_lib.Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
+            x = next(iter(Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
         gen = torch.Generator().manual_seed(args.seed)
         rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
         rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")

@@ -9,9 +9,9 @@
   q(z_t | X, M, y_t) = N(mu_z(e_t, m_t), sigma_z(e_t, m_t)) with m_t the mean of p(z_t | M, y_t)
   at the sampled keys, as KM's q(z_t | x_t, y_t, M) takes the read-out mean (KM §3.2) and DKM's
   q(Z | X, Y, M) that K++'s footnote 2 mentions.
-* ``key_min_scale`` (``Config.key_min_scale``) is added to every standard deviation of q(y|X):
+* ``key_std_floor`` (``Config.key_std_floor``) is added to every standard deviation of q(y|X):
   the family is then keys no sharper than that, so each key's KL is bounded by about
-  -ln(key_min_scale) + mu^2 / 2 per dimension, and the memory must be readable under that
+  -ln(key_std_floor) + mu^2 / 2 per dimension, and the memory must be readable under that
   much key noise. 0 is the paper's family (up to the 1e-3 floor of every scale).
 
 e_t is the embedding of image t from the shared encoder (the model's f_enc), so both
@@ -34,10 +34,10 @@ class KppGuide(PyroModule):
     """The guide's networks and its sampling statements; called with E (B, T, D)."""
 
     def __init__(self, embed_size: int, reads: int, code_size: int, hidden: int, spectral_norm: bool = False,
-                 reads_memory: bool = False, key_min_scale: float = 0.0):
+                 reads_memory: bool = False, key_std_floor: float = 0.0):
         super().__init__()
         self.reads = reads
-        self.key_min_scale = key_min_scale
+        self.key_std_floor = key_std_floor
         self.key_head = GaussianHead(embed_size, reads * KEY_DIM, hidden, spectral_norm=spectral_norm)
         self.code_head = GaussianHead(embed_size + code_size * reads_memory, code_size, hidden,
                                       spectral_norm=spectral_norm)
@@ -46,7 +46,7 @@ class KppGuide(PyroModule):
         """loc, scale of q(y_t | X): (B, T, K, 3) each, from E (B, T, D)  (eq. 6)."""
         loc, scale = self.key_head(E)                                 # (B, T, K*3)
         shape = (*E.shape[:2], self.reads, KEY_DIM)
-        return loc.reshape(shape), (scale + self.key_min_scale).reshape(shape)   # (B, T, K, 3)
+        return loc.reshape(shape), (scale + self.key_std_floor).reshape(shape)   # (B, T, K, 3)
 
     def forward(self, E: torch.Tensor, read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Sample keys and codes for E (B, T, D); ``read(keys)`` is the mean of p(z | M, y) when

@@ -63,11 +63,12 @@ class KanervaPlusPlus(EpisodicModel):
         window = (cfg.window, cfg.window)
         if cfg.kpp_write != "blocks":                                 # f_mem
             self.writer = MemoryWriter(cfg.embed_size, cfg.memory_shape, cfg.writer_channels)
-        self.reader = SpatialTransformerRead(window, cfg.key_map, cfg.window / min(cfg.memory_shape[1:]))
+        unit = cfg.window / min(cfg.memory_shape[1:])                   # one memory pixel per window pixel
+        self.reader = SpatialTransformerRead(window, cfg.key_map, (cfg.key_scale_min * unit, cfg.key_scale_max * unit))
         self.prior_net = ConvGaussianHead(cfg.reads * mem_c, window, cfg.code_size)
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
                           spectral_norm=dense_spectral_norm(cfg),     # App. E (paper preset)
-                          reads_memory=cfg.kpp_posterior == "read", key_min_scale=cfg.key_min_scale)
+                          reads_memory=cfg.kpp_posterior == "read", key_std_floor=cfg.key_std_floor)
         if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x r x r
             self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * self.block_res() ** 2, cfg.hidden, 1,
                                       dense_spectral_norm(cfg))

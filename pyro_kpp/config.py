@@ -23,7 +23,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     # tanh keys and trained its keys at the full KL weight.
     1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
                   "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0,
-                  "key_min_scale": 0.0, "kl_weight": 1.0, "valid_images": 0,
+                  "key_std_floor": 0.0, "kl_weight": 1.0, "valid_images": 0,
+                  "key_scale_min": 0.5, "key_scale_max": 1.5,
                   **d,
                   "version": 2},
 }
@@ -84,7 +85,9 @@ class Config:
                        "prior spread uniformly over the memory at scales near window/memory", choices=KEY_MAPS)
     kpp_block_res: int = opt(0, "K++ addressed write: resolution of each written block, upsampled to the window",
                              default_text="0, the window's")
-    key_min_scale: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
+    key_scale_min: float = opt(0.5, "K++ uniform key map: smallest window scale, in memory pixels per window pixel")
+    key_scale_max: float = opt(1.5, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
+    key_std_floor: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
     kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
                              "p(z|M,y) at the sampled keys", choices=("x", "read"))
     writer_channels: int | None = opt(None, "base channels of f_mem", default_text="by preset: cpu 64, paper 256")
@@ -179,8 +182,12 @@ class Config:
         if not isinstance(self.kpp_block_res, int) or not 0 <= self.kpp_block_res <= self.window:
             raise ValueError(f"kpp_block_res: expected 0 (the window) or a resolution 1..{self.window}, "
                              f"got {self.kpp_block_res!r}")
-        if not 0 <= self.key_min_scale < float("inf"):
-            raise ValueError(f"key_min_scale: expected a non-negative finite number, got {self.key_min_scale!r}")
+        if not 0 < self.key_scale_min <= self.key_scale_max <= min(self.memory_shape[1:]) / self.window:
+            raise ValueError(f"key_scale_min, key_scale_max: expected 0 < min <= max <= memory / window = "
+                             f"{min(self.memory_shape[1:]) / self.window:g}, got {self.key_scale_min!r}, "
+                             f"{self.key_scale_max!r}")
+        if not 0 <= self.key_std_floor < float("inf"):
+            raise ValueError(f"key_std_floor: expected a non-negative finite number, got {self.key_std_floor!r}")
         if self.kpp_posterior not in ("x", "read"):
             raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:

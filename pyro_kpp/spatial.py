@@ -35,25 +35,26 @@ from pyro.nn import PyroModule
 KEY_DIM = 3  # (scale, x, y), K++ §3.2: y_tk in R^3
 #: How a key becomes (s, x, y) (``Config.key_map``): "tanh" squashes each component (the default
 #: reading of App. A); "uniform" maps the N(0, I) key prior to windows spread uniformly over
-#: the memory, inside it, at scales within a factor 3 of one window per window-sized block.
+#: the memory, inside it, at scales within a band.
 KEY_MAPS = ("tanh", "uniform")
 
 
-def key_to_theta(keys: torch.Tensor, key_map: str = "tanh", base_scale: float = 0.25) -> torch.Tensor:
+def key_to_theta(keys: torch.Tensor, key_map: str = "tanh", scales: tuple[float, float] = (0.125, 0.375)) -> torch.Tensor:
     """Affine matrices (..., 2, 3) from keys (..., 3).
 
     * ``"tanh"``: s, x, y = tanh(y0), tanh(y1), tanh(y2).
     * ``"uniform"``: with u = Phi(y) the standard normal CDF (uniform on (0, 1) under the key
-      prior), s = base_scale (0.5 + u0) and x, y = (1 - s)(2 u - 1): every window lies inside
-      the memory, a prior key lands anywhere in it with the same density, and the scale, which
-      must match between the write and the read, varies over a narrow band around
-      ``base_scale`` = window / memory size (one memory pixel per window pixel).
+      prior), s = s_min + (s_max - s_min) u0 with ``scales`` = (s_min, s_max), and
+      x, y = (1 - s)(2 u - 1): every window lies inside the memory, a prior key lands anywhere
+      in it with the same density, and the scale varies over a band only (K++'s models set it
+      around window / memory size, one memory pixel per window pixel: ``Config.key_scale_min``,
+      ``key_scale_max``).
     """
     if key_map == "tanh":
         s, tx, ty = torch.tanh(keys).unbind(-1)
     elif key_map == "uniform":
         u0, u1, u2 = torch.special.ndtr(keys).unbind(-1)
-        s = base_scale * (0.5 + u0)
+        s = scales[0] + (scales[1] - scales[0]) * u0
         tx, ty = (1 - s) * (2 * u1 - 1), (1 - s) * (2 * u2 - 1)
     else:
         raise ValueError(f"key_map: expected one of {KEY_MAPS}, got {key_map!r}")
@@ -83,18 +84,18 @@ class SpatialTransformerRead(PyroModule):
 
     ``forward(memory, keys)`` takes keys of shape (..., B, T, K, 3) (any leading sample
     dimensions, e.g. importance particles) and returns windows (..., B, T, K, C, h, w).
-    ``key_map`` and ``base_scale`` say how keys become windows (``key_to_theta``).
+    ``key_map`` and ``scales`` say how keys become windows (``key_to_theta``).
     """
 
-    def __init__(self, window: tuple[int, int], key_map: str = "tanh", base_scale: float = 0.25):
+    def __init__(self, window: tuple[int, int], key_map: str = "tanh", scales: tuple[float, float] = (0.125, 0.375)):
         super().__init__()
         self.window = tuple(window)
         self.key_map = key_map
-        self.base_scale = base_scale
+        self.scales = tuple(scales)
 
     def theta(self, keys: torch.Tensor) -> torch.Tensor:
         """The affine matrices (..., 2, 3) of keys (..., 3) under this reader's key map."""
-        return key_to_theta(keys, self.key_map, self.base_scale)
+        return key_to_theta(keys, self.key_map, self.scales)
 
     def grid(self, keys: torch.Tensor, B: int) -> torch.Tensor:
         """Sampling grid (B, n h, w, 2) of every window of keys (..., B, T, K, 3), stacked along height."""

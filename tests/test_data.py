@@ -430,9 +430,9 @@ def test_episode_argument_validation():
 def test_validation_episodes_are_held_out_of_training(omniglot):
     """valid_images carves the same images out of the train split for every run seed; training
     never sees them; test episodes are unchanged."""
-    plain = D.Episodes(omniglot, 32, 8, seed=0)
-    held = D.Episodes(omniglot, 32, 8, seed=0, valid_images=1024)
-    other_seed = D.Episodes(omniglot, 32, 8, seed=3, valid_images=1024)
+    plain = E.Episodes(omniglot, 32, 8, seed=0)
+    held = E.Episodes(omniglot, 32, 8, seed=0, valid_images=1024)
+    other_seed = E.Episodes(omniglot, 32, 8, seed=3, valid_images=1024)
     valid = torch.cat(list(held.valid_episodes()))                         # (32, 32, 1, 28, 28)
     assert valid.shape == (32, 32, 1, 28, 28)
     torch.testing.assert_close(valid, torch.cat(list(other_seed.valid_episodes())))
@@ -443,4 +443,4 @@ def test_validation_episodes_are_held_out_of_training(omniglot):
     with pytest.raises(ValueError, match="no validation images"):
         next(plain.valid_episodes())
     with pytest.raises(D.DataError, match="valid_images"):
-        D.Episodes(omniglot, 32, 8, seed=0, valid_images=len(omniglot.train))
+        E.Episodes(omniglot, 32, 8, seed=0, valid_images=len(omniglot.train))

@@ -182,7 +182,8 @@ class Config:
         if not isinstance(self.kpp_block_res, int) or not 0 <= self.kpp_block_res <= self.window:
             raise ValueError(f"kpp_block_res: expected 0 (the window) or a resolution 1..{self.window}, "
                              f"got {self.kpp_block_res!r}")
-        if not 0 < self.key_scale_min <= self.key_scale_max <= min(self.memory_shape[1:]) / self.window:
+        if self.key_map == "uniform" and not (
+                0 < self.key_scale_min <= self.key_scale_max <= min(self.memory_shape[1:]) / self.window):
             raise ValueError(f"key_scale_min, key_scale_max: expected 0 < min <= max <= memory / window = "
                              f"{min(self.memory_shape[1:]) / self.window:g}, got {self.key_scale_min!r}, "
                              f"{self.key_scale_max!r}")

@@ -30,11 +30,11 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT_NAME
 
 #: What a run writes into its folder; any of them present means the folder holds a run.
-RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images")
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images", "curves.png")
 LOCK_NAME = ".lock"
 #: Temporary files of our own naming: checkpoint.save_checkpoint's, ensure_writable's probe and
 #: repair_metrics's rewrite. Only ever removed while holding the lock, so never another writer's.
-STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp")
+STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp", ".curves.png.*.tmp")
 
 
 class RunDirError(ValueError):

@@ -50,7 +50,8 @@ from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
 from .optim import build_optimizer
-from .plots import reconstruction_rows, sample_rows, save_rows
+from .plot import save_curves
+from .plots import reconstruction_rows, sample_rows, save_labelled_rows
 from .registry import MODELS, build_model
 from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
 from .schedules import key_free_nats, key_kl_weight, kl_weight
@@ -104,14 +105,19 @@ def check_finite_weights(model, step: int, run_dir: Path) -> None:
         raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
 
 
+#: The rows of ``reconstructions_*.png`` (``pyro_kpp.plots.reconstruction_rows``).
+RECONSTRUCTION_LABELS = ["data", "via q(z|X)", "read from memory"]
+
+
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
     images = run_dir / "images"
     images.mkdir(exist_ok=True)
     was_training = model.training
     model.eval()
-    save_rows(reconstruction_rows(model, x), images / f"reconstructions_{epoch:04d}.png")
+    save_labelled_rows(reconstruction_rows(model, x), RECONSTRUCTION_LABELS, images / f"reconstructions_{epoch:04d}.png")
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    save_rows(sample_rows(model, x, generator=gen), images / f"samples_{epoch:04d}.png")
+    samples = sample_rows(model, x, generator=gen)
+    save_labelled_rows(samples, ["read at y ~ p(y)"] * len(samples), images / f"samples_{epoch:04d}.png")
     model.train(was_training)
 
 
@@ -356,6 +362,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 history.append(record)
                 with (run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                save_curves([run_dir], run_dir / "curves.png")
                 if progress or not sys.stderr.isatty():
                     print(report(record), file=sys.stderr, flush=True)
             if state.epoch_step >= episodes.steps_per_epoch():

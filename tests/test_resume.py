@@ -70,3 +70,15 @@ def test_config_errors_name_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _train(tmp_path / "bad", "--window", "6")
     assert "error: --window: expected a multiple of 4" in capsys.readouterr().err
+
+
+def test_newest_run_is_the_last_saved_and_its_absence_is_explained(tmp_path):
+    from pyro_kpp.rundir import RunDirError, newest_run
+
+    with pytest.raises(RunDirError, match="PYRO_KPP_RUN: no run under"):
+        newest_run(tmp_path)
+    for i, name in enumerate(("omniglot-kpp-1", "omniglot-kpp-2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"x")
+        os.utime(tmp_path / name / "checkpoint.pt", (1000 + i, 1000 + i))
+    assert newest_run(tmp_path) == tmp_path / "omniglot-kpp-2"

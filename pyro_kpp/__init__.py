@@ -4,15 +4,18 @@
     model = pyro_kpp.load("runs/omniglot-kpp")
     memory = pyro_kpp.write(model, episode)
     images = pyro_kpp.sample(memory, n=16)
-    steps = pyro_kpp.iterative_read(model, memory, episode, steps=10)   # K++ eq. 7
+    images = pyro_kpp.iterative_read(model, memory, episode, steps=10)  # K++ eq. 7: (10, T, C, H, W)
+    for x in pyro_kpp.episodes("omniglot", split="test", T=32):          # (B, T, 1, 28, 28) batches
+        ...
 """
 __version__ = "0.1.0"
 
-from .api import load, sample, write  # noqa: E402
+from .api import iterative_read, load, sample, write  # noqa: E402
 from .config import Config  # noqa: E402
 from .episodic import EpisodicModel, Memory  # noqa: E402
-from .generation import IterativeReading, iterative_read  # noqa: E402
+from . import episodes  # noqa: E402  (a callable module: pyro_kpp.episodes(...))
+from .generation import IterativeReading  # noqa: E402
 from .registry import build_model  # noqa: E402
 
-__all__ = ["Config", "EpisodicModel", "IterativeReading", "Memory", "build_model", "iterative_read", "load",
+__all__ = ["Config", "EpisodicModel", "IterativeReading", "Memory", "build_model", "episodes", "iterative_read", "load",
            "sample", "write", "__version__"]

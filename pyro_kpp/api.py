@@ -1,10 +1,11 @@
-"""The user-facing API: ``load``, ``write``, ``sample``.
+"""The user-facing API: ``load``, ``write``, ``sample``, ``iterative_read``.
 
     model = pyro_kpp.load("runs/omniglot-kpp")
     memory = pyro_kpp.write(model, episode)          # episode: (T, C, H, W) or (B, T, C, H, W)
     images = pyro_kpp.sample(memory, n=16)           # (B, 16, C, H, W) probabilities
     images = pyro_kpp.sample(memory, keys, binary=True)          # drawn from the likelihood
     pixels = pyro_kpp.sample(memory, binary=True, as_uint8=True)  # uint8 0..255 (8-bit models)
+    images = pyro_kpp.iterative_read(model, memory, episode, steps=10)  # (steps, [B,] T, C, H, W)
 
 Dtypes: floating-point episodes and keys of any precision (numpy's float64, float16,
 bfloat16) are converted to the model's dtype here; integer episodes are refused, since 0..255
@@ -20,6 +21,7 @@ from .checkpoint import load_checkpoint, nonfinite_entries
 from .config import Config
 from .device import resolve_device
 from .episodic import EpisodicModel, Memory, require_memory
+from .generation import IterativeReading, iterative_read as read_steps
 from .registry import build_model
 
 #: Images decoded per ``generate`` call in ``sample``: bounds its working memory whatever ``n`` is.
@@ -59,16 +61,21 @@ def _as_batch(model: EpisodicModel, episode: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"episode: expected shape (T, {dims}) or (B, T, {dims}), got {got}")
 
 
-@torch.no_grad()
-def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
-    """Write episodes into memory. ``episode``: (T, C, H, W) or (B, T, C, H, W) on the model's device."""
+def _checked_batch(model: EpisodicModel, episode: torch.Tensor, argname: str = "episode") -> torch.Tensor:
+    """``episode`` as a (B, T, C, H, W) batch in the model's dtype, its values checked."""
     if not isinstance(model, EpisodicModel):
         raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
     x = _as_batch(model, episode)
     if x.is_floating_point():
         x = x.to(model.dtype)
-    model.check_episode(x, "episode")
-    return model.write(x)
+    model.check_episode(x, argname)
+    return x
+
+
+@torch.no_grad()
+def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
+    """Write episodes into memory. ``episode``: (T, C, H, W) or (B, T, C, H, W) on the model's device."""
+    return model.write(_checked_batch(model, episode))
 
 
 @torch.no_grad()
@@ -104,3 +111,22 @@ def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary
         images = model.likelihood.sample(params, generator=generator) if binary else model.likelihood.mean(params)
         parts.append((images * 255).round().to(torch.uint8) if as_uint8 else images)
     return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def iterative_read(model: EpisodicModel, memory: Memory, episode: torch.Tensor, steps: int = 10,
+                   feedback: str = "sample", full: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor | IterativeReading:
+    """Iterative reading of ``episode`` from the fixed ``memory`` (K++ eq. 7, KM Algorithm 1).
+
+    ``episode`` takes what ``write`` takes, (T, C, H, W) or (B, T, C, H, W). Returns each step's
+    mean reconstruction (pixel probabilities for Bernoulli), (steps, T, C, H, W) or
+    (steps, B, T, C, H, W) like the input; ``full=True`` returns the whole
+    ``pyro_kpp.generation.IterativeReading`` (queries, keys and likelihood parameters of every step).
+    """
+    x = _checked_batch(model, episode)
+    reading = read_steps(model, memory, x, steps, feedback, generator=generator)
+    if full:
+        return reading
+    images = reading.means()
+    return images if episode.dim() == 5 else images[:, 0]

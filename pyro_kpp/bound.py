@@ -228,7 +228,7 @@ def _add(totals: dict, terms: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None) -> dict:
+def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None, on_log_weights=None) -> dict:
     """Negative bounds in nats/image over the episode batches (e.g. the fixed test episodes).
 
     Returns the negative ELBO (``elbo``) and IW bound (``iw``) with S samples, and the ELBO's
@@ -238,7 +238,8 @@ def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None) -> 
     batches of two episodes or more (``gain_images``). Both ELBOs use the *same* random draws
     (``min(S, GAIN_SAMPLES)`` particles, the RNG rewound), so what does not read the memory
     cancels exactly: the VAE's gain is 0 to the bit. ``foreign_terms`` are the terms with the
-    other episode's memory.
+    other episode's memory. ``on_log_weights``, if given, is called with each batch's (S, B, T)
+    log weights (e.g. for Pareto-k diagnostics).
     """
     was_training = model.training
     model.eval()
@@ -248,6 +249,8 @@ def evaluate(model: EpisodicModel, batches, samples: int = 1, progress=None) -> 
     for x in batches if progress is None else progress(batches):
         replay = _Replay(x.device)
         lw, own_terms = _particles(model, x, samples)           # (S, B, T), {term: (B, T)}
+        if on_log_weights is not None:
+            on_log_weights(lw)
         b = _bounds(model, lw)
         elbo_sum += float(b["elbo"].sum())
         iw_sum += float(b["iw"].sum())

@@ -78,3 +78,11 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, choices: dic
         parser.add_argument(*flags, "--" + f.name.replace("_", "-"), **meta)
         names.append(f.name)
     return names
+
+
+def flag_message(exc: Exception, fields) -> str:
+    """``exc``'s message with a leading ``field_name:`` (the API's wording, e.g. from
+    ``Config.validate``) turned into the ``--field-name:`` a command-line user typed."""
+    text = str(exc)
+    name, sep, rest = text.partition(":")
+    return f"--{name.replace('_', '-')}:{rest}" if sep and name in fields else text

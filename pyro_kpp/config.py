@@ -126,8 +126,8 @@ class Config:
                                     default_text="on the first step of the run or resume only; they cost host syncs")
     epochs: int = opt(100, "epochs")
     max_steps: int | None = opt(None, "stop after this many optimizer steps in total", default_text="none")
-    max_minutes: float | None = opt(None, "stop after this much training time (minutes, evaluation excluded); "
-                                    "for equal-budget comparisons", default_text="none")
+    max_minutes: float | None = opt(None, "stop after this much training time (minutes, evaluation excluded), "
+                                    "counted over the whole run, resumes included; for equal-budget comparisons", default_text="none")
     seed: int = opt(0, "seed")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     valid_images: int = opt(0, "hold this many training images out as validation episodes; each epoch's figures "

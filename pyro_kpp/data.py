@@ -93,7 +93,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
         path = cache_dir() / "data"
     path = path.expanduser().resolve()
     if path.exists() and not path.is_dir():
-        raise DataError(f"data_dir: expected a folder, but {path} is a file")
+        raise DataError(f"data_dir (--data-dir): expected a folder, but {path} is a file")
     return path
 
 
@@ -200,7 +200,7 @@ def _check_name(name: str) -> str:
 def _download(name: str, root: pathlib.Path, missing: str, layout: str, offline: bool, fetch) -> None:
     """Run ``fetch()`` (a torchvision download) unless offline; turn every failure into a
     DataError that says which folder to provide and in which layout."""
-    how = f"Provide them yourself, laid out as {layout} (or point data_dir / ${_DATA_ENV} at a root that has it)"
+    how = f"Provide them yourself, laid out as {layout} (or point --data-dir / ${_DATA_ENV} at a root that has it)"
     if offline:
         raise DataError(f"{name}: missing {missing}, and offline mode is on, so it is not downloaded. {how}.")
     try:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .cliargs import finite_float, positive_int
 from .episodic import EpisodicModel
@@ -176,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
         episodes = Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=False)
         gen = torch.Generator().manual_seed(args.seed)
-        summary, rows, labels = evaluate_denoising(model, test_batches(episodes, args.episodes), args.noise, level,
+        n_episodes = min(args.episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
+        batches = tqdm(test_batches(episodes, args.episodes), desc=f"denoising ({args.steps} steps)", unit="batch",
+                       total=math.ceil(n_episodes / cfg.batch_size), disable=args.json)
+        summary, rows, labels = evaluate_denoising(model, batches, args.noise, level,
                                                    args.steps, args.write_from, args.feedback, gen, args.show)
         if args.out is not None:
             rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")

@@ -9,13 +9,15 @@ classes (KM §4.2's one-shot generation).
 from __future__ import annotations
 
 import math
+import sys
+import types
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .config import Config
-from .data import TEST_SEED, DataError, ImageData
+from .data import TEST_SEED, DataError, ImageData, load_dataset
 from .likelihoods import LIKELIHOODS
 
 # Domain tags so that the seeds of different random streams never coincide.
@@ -277,3 +279,38 @@ def test_batches(episodes: Episodes, max_episodes: int | None, split: str = "tes
             return
         yield x[:left]
         left -= x.shape[0]
+
+
+SPLITS = ("train", "test", "valid")
+
+
+def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: int = 8, *,
+                  data_dir: str | None = None, likelihood: str | None = None, valid_images: int = 0,
+                  seed: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Ready batches (B, T, C, H, W) of a data set's episodes, as a run sees them; also callable as
+    ``pyro_kpp.episodes(...)``. So a user needs no knowledge of ``load_dataset`` and ``Episodes``.
+
+    ``split``: "test" (the fixed test episodes every run is evaluated on), "valid" (the episodes
+    of ``valid_images`` images held out of the train split) or "train" (epoch 0 of training with
+    ``seed``). Binarized for a Bernoulli likelihood (the default for grey data sets), 8-bit
+    levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
+                 valid_images=valid_images)
+    episodes = make_episodes(cfg, load_dataset(data, data_dir), torch.device(device))
+    if split == "train":
+        return episodes.train_epoch(0)
+    return episodes.valid_episodes() if split == "valid" else episodes.test_episodes()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``pyro_kpp.episodes(...)`` is ``load_episodes(...)``, while
+    ``pyro_kpp.episodes.class_episodes`` and the other names stay reachable."""
+
+    def __call__(self, *args, **kwargs) -> Iterator[torch.Tensor]:
+        return load_episodes(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

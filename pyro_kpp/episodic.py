@@ -52,6 +52,14 @@ class Memory:
         v = self.value
         return (v[0] if isinstance(v, tuple) else v).shape[0]
 
+    def __repr__(self) -> str:
+        """One line (the default dataclass repr prints the whole model and tensor)."""
+        parts = self.value if isinstance(self.value, tuple) else (self.value,)
+        shapes = ", ".join(f"{tuple(v.shape)}" for v in parts)
+        first = parts[0]
+        return (f"Memory({type(self.model).__name__}, {self.episodes} episodes, value {shapes} "
+                f"{str(first.dtype).removeprefix('torch.')} on {first.device})")
+
 
 def require_memory(memory, argname: str = "memory") -> Memory:
     """``memory`` itself, if it is a ``Memory``; else a TypeError naming ``argname``."""

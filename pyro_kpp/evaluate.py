@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
@@ -26,9 +29,37 @@ from .bound import evaluate
 from .checkpoint import load_checkpoint
 from .config import Config
 from .device import resolve_device
+from .inspect import pareto_k
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
 from .episodes import make_episodes, test_batches
+
+
+#: Fewest importance samples per image for which the Pareto-k fit is reported (PSIS fits the
+#: tail of the largest weights: about 3 sqrt(S) of them).
+MIN_PSIS_SAMPLES = 20
+#: Above this Pareto k the importance-weighted estimate for an image is unreliable (Vehtari et
+#: al., "Pareto smoothed importance sampling", 2024: k > 0.7).
+K_UNRELIABLE = 0.7
+
+
+def pareto_summary(k: np.ndarray) -> dict:
+    """Counts of the images' Pareto k by the PSIS thresholds, and their median and maximum."""
+    return {"images": int(k.size), "median": float(np.median(k)), "max": float(k.max()),
+            "over_0.5": int((k > 0.5).sum()), f"over_{K_UNRELIABLE}": int((k > K_UNRELIABLE).sum())}
+
+
+def pareto_lines(summary: dict | None) -> list[str]:
+    """The report's Pareto-k line, and a warning when the IW bound is unreliable for some images."""
+    if summary is None:
+        return [f"Pareto k: not fitted (needs --samples >= {MIN_PSIS_SAMPLES})"]
+    bad = summary[f"over_{K_UNRELIABLE}"]
+    lines = [f"Pareto k of the importance weights: median {summary['median']:.2f}, max {summary['max']:.2f}; "
+             f"> 0.5 for {summary['over_0.5']}, > {K_UNRELIABLE} for {bad} of {summary['images']} images"]
+    if bad:
+        lines.append(f"warning: Pareto k > {K_UNRELIABLE} for {bad} of {summary['images']} images: the importance-"
+                     f"weighted bound is unreliable for them (the guide's tails are too light); trust the ELBO")
+    return lines
 
 
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",
@@ -43,12 +74,17 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     data = data_lib.load_dataset(cfg.data, data_dir if data_dir is not None else cfg.data_dir)
     episodes = make_episodes(cfg, data, dev)
     torch.manual_seed(seed)
-    wrap = (lambda it: tqdm(it, desc="test episodes", unit="batch")) if progress else None
-    result = evaluate(model, test_batches(episodes, max_episodes), samples=samples, progress=wrap)
+    n_episodes = min(max_episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
+    wrap = (lambda it: tqdm(it, desc=f"test episodes (S={samples})", unit="batch",
+                            total=math.ceil(n_episodes / cfg.batch_size))) if progress else None
+    ks = []
+    result = evaluate(model, test_batches(episodes, max_episodes), samples=samples, progress=wrap,
+                      on_log_weights=(lambda lw: ks.append(pareto_k(lw).ravel())) if samples >= MIN_PSIS_SAMPLES else None)
     out = {"model": cfg.model, "data": cfg.data, "likelihood": cfg.likelihood, "step": state["step"],
            "test_bound": result["elbo"], "test_iw_bound": result["iw"],
            "samples": samples, "test_images": result["images"], "test_terms": result["terms"],
            "memory_gain": result["memory_gain"], "test_terms_other_memory": result["foreign_terms"],
+           "pareto_k": pareto_summary(np.concatenate(ks)) if ks else None,
            **diagnose(model, test_batches(episodes, max_episodes))}
     if not LIKELIHOODS[cfg.likelihood].binarized:
         out["test_bits_per_dim"] = bits_per_dim(result["elbo"], cfg.image_shape)
@@ -57,13 +93,15 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyro_kpp.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pyro_kpp.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
     p.add_argument("-S", "--samples", type=int, default=100, help="importance samples per image")
-    p.add_argument("--episodes", type=int, default=None, help="evaluate only this many test episodes")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=None, help="evaluate only this many test episodes (None: all; "
+                                                            "the whole Omniglot test split at S=100 takes minutes)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--data-dir", default=None, help="data root (None: the run's, stored in its config)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
     try:
@@ -85,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in r["test_terms"].items():
             print(f"  {name + ':':36s} {value:8.2f}" + (f"   (other episode's memory: {other[name]:.2f})"
                                                       if name in other else ""))
+        for line in pareto_lines(r["pareto_k"]):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
         if r["memory_gain"] is not None:
             print(f"memory gain (other memory - own):      {r['memory_gain']:.2f} nats/image")
             print(f"NLL of the mean memory read at the posterior-mean keys: {r['read_nll']:.2f} own memory, "

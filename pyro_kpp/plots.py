@@ -1,29 +1,45 @@
 """Image grids written during training and by the API (PNG, via torchvision)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from pyro import poutine
-from torchvision.utils import save_image
 
 from .episodic import EpisodicModel
 
 
-def save_rows(rows: list[torch.Tensor], path: str | Path) -> Path:
-    """Save image rows (each (N, C, H, W) in [0, 1]) as one grid, one row per tensor."""
-    n = min(r.shape[0] for r in rows)
-    grid = torch.cat([r[:n].float().cpu() for r in rows])
-    path = Path(path)
-    save_image(grid, path, nrow=n, padding=1, pad_value=0.5)
-    return path
+def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file and a rename, so a reader (or a
+    crash) never sees half a file; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
+
+
+def save_labelled_rows(rows: list[torch.Tensor], labels: list[str], path: str | Path) -> Path:
+    """``rows`` as one grid with a label left of each row (``rows_figure``), saved as PNG."""
+    return save_figure(rows_figure(rows, labels), path)
 
 
 def rows_figure(rows: list[torch.Tensor], labels: list[str] | None = None, scale: float = 0.5):
     """A matplotlib figure of image rows (each (N, C, H, W) in [0, 1]), a label left of each row.
 
-    The same grid as ``save_rows`` (one image, so it stays fast for many rows), for notebooks
-    and for the figures of the generation and denoising commands.
+    One image of the whole grid (so it stays fast for many rows), for the run's image grids,
+    notebooks and the figures of the generation and denoising commands.
     """
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid

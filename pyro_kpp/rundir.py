@@ -30,11 +30,11 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT_NAME
 
 #: What a run writes into its folder; any of them present means the folder holds a run.
-RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images")
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images", "curves.png")
 LOCK_NAME = ".lock"
 #: Temporary files of our own naming: checkpoint.save_checkpoint's, ensure_writable's probe and
 #: repair_metrics's rewrite. Only ever removed while holding the lock, so never another writer's.
-STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp")
+STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp", ".curves.png.*.tmp")
 
 
 class RunDirError(ValueError):
@@ -240,3 +240,14 @@ def check_same_data(recorded: dict | None, current: dict, data_dir) -> None:
                           f"checkpoint was trained on (checkpoint: {recorded}, now: {current}); resume with the "
                           f"original data")
 
+
+
+def newest_run(root: str | os.PathLike = "runs") -> Path:
+    """The most recently saved run under ``root`` (by its checkpoint's time): what the notebooks
+    open when ``$PYRO_KPP_RUN`` does not name one, so they follow the training default's
+    timestamped folders ``runs/<data>-<model>-<time>``."""
+    found = sorted(Path(root).glob(f"*/{CHECKPOINT_NAME}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RunDirError(f"PYRO_KPP_RUN: no run under {Path(root).resolve()} holds a {CHECKPOINT_NAME}; train one "
+                          f"(python -m pyro_kpp.svi --data omniglot) or set PYRO_KPP_RUN to a run directory")
+    return found[-1].parent

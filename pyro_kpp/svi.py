@@ -22,7 +22,7 @@ pyro_kpp.distributed. The same models also train with Pyro's own ``SVI`` (README
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -42,7 +42,7 @@ from .api import model_from_state
 from .bound import TrainingLoss, evaluate, make_elbo
 from .checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
                          save_checkpoint)
-from .cliargs import add_config_options
+from .cliargs import add_config_options, flag_message
 from .config import Config
 from .data import DATASETS, load_dataset
 from .episodes import Episodes, make_episodes, test_batches
@@ -50,14 +50,14 @@ from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
 from .optim import build_optimizer
-from .plots import reconstruction_rows, sample_rows, save_rows
+from .plot import save_curves
+from .plots import reconstruction_rows, sample_rows, save_labelled_rows
 from .registry import MODELS, build_model
+from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
 from .schedules import key_free_nats, key_kl_weight, kl_weight
 
-# Options that may change when resuming a run (they do not change the model or data order).
-RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "validate_every_step", "device",
-             "eval_episodes", "data_dir"}
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+#: Training episodes on which the true train bound is measured at the end of a warm-up epoch.
+TRAIN_BOUND_EPISODES = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,32 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-steps", action="store_true", help="append each step's loss (the global mean over "
                                                            "ranks) and gradient norm to steps.jsonl")
     return p
-
-
-def config_from_args(args: argparse.Namespace, resume_state: dict | None) -> Config:
-    """The run's config: defaults <- checkpoint (when resuming) <- explicit CLI options."""
-    given = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
-    if resume_state is None:
-        return Config(**given)
-    base = Config.from_dict(resume_state["config"])
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(base, k) != v)
-    if changed:
-        raise ValueError(f"--resume: options {changed} differ from the checkpoint's config; a resumed run "
-                         f"keeps its model and data (only {sorted(RESUMABLE)} may change)")
-    return Config(**{**base.to_dict(), **given})
-
-
-def check_resume_targets(cfg: Config, resume_state: dict | None) -> None:
-    """A resumed run must have something left to do: contradictory targets are errors."""
-    if resume_state is None:
-        return
-    done = resume_state["step"]
-    if cfg.max_steps is not None and cfg.max_steps <= done:
-        raise ValueError(f"--max-steps: the checkpoint is already at step {done}; "
-                         f"ask for more than {done} steps to continue")
-    if cfg.epochs <= resume_state["epoch"]:
-        raise ValueError(f"--epochs: the checkpoint has finished {resume_state['epoch']} epochs; "
-                         f"ask for more than {resume_state['epoch']} to continue")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -131,15 +105,28 @@ def check_finite_weights(model, step: int, run_dir: Path) -> None:
         raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
 
 
+#: The rows of ``reconstructions_*.png`` (``pyro_kpp.plots.reconstruction_rows``).
+RECONSTRUCTION_LABELS = ["data", "via q(z|X)", "read from memory"]
+
+
 def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
     images = run_dir / "images"
     images.mkdir(exist_ok=True)
     was_training = model.training
     model.eval()
-    save_rows(reconstruction_rows(model, x), images / f"reconstructions_{epoch:04d}.png")
+    save_labelled_rows(reconstruction_rows(model, x), RECONSTRUCTION_LABELS, images / f"reconstructions_{epoch:04d}.png")
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    save_rows(sample_rows(model, x, generator=gen), images / f"samples_{epoch:04d}.png")
+    samples = sample_rows(model, x, generator=gen)
+    save_labelled_rows(samples, ["read at y ~ p(y)"] * len(samples), images / f"samples_{epoch:04d}.png")
     model.train(was_training)
+
+
+def run_bar(cfg: Config, state: "TrainState", steps_per_epoch: int, enabled: bool) -> tqdm:
+    """The whole run's bar, over every step to ``--epochs`` (or ``--max-steps``), so that its ETA
+    says when training will end (evaluation time excluded); the epoch's bar sits below it."""
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
+    return tqdm(total=total, initial=state.step, desc="run", unit="step", disable=not enabled, dynamic_ncols=True,
+                position=0)
 
 
 @dataclass
@@ -220,13 +207,16 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
         test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split))
         memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes, split))
         write_images(model, first_test, run_dir, state.epoch, cfg.seed)
+        objective = state.loss_sum / max(state.loss_count, 1)
+        train_bound = (evaluate(model, train_sample(episodes, cfg, state.epoch))["elbo"]
+                       if objective_is_weighted(cfg, state.step - state.epoch_step) else objective)
     record = {
         "epoch": state.epoch, "step": state.step, "epoch_complete": state.epoch_step >= episodes.steps_per_epoch(),
-        "train_bound": state.loss_sum / max(state.loss_count, 1), f"{split}_bound": test["elbo"],
+        "train_objective": objective, "train_bound": train_bound, f"{split}_bound": test["elbo"],
         f"{split}_images": test["images"], f"{split}_terms": test["terms"],
         "memory_gain": test["memory_gain"], f"{split}_terms_other_memory": test["foreign_terms"], **memory_use,
         "train_seconds_total": round(state.train_seconds, 2),
-        # < 1: train_bound is the warm-up objective, not the bound
+        # < 1: train_objective is the warm-up objective, and train_bound the bound at the epoch's end
         "kl_scale": kl_weight(cfg, state.step - 1), "key_kl_scale": key_kl_weight(cfg, state.step - 1),
         "skipped_steps": state.skipped,          # non-finite loss or gradient, update skipped (whole run)
     }
@@ -234,6 +224,19 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
         record["train_bits_per_dim"] = bits_per_dim(record["train_bound"], cfg.image_shape)
         record[f"{split}_bits_per_dim"] = bits_per_dim(record[f"{split}_bound"], cfg.image_shape)
     return record
+
+
+def objective_is_weighted(cfg: Config, step: int) -> bool:
+    """Whether the training objective from ``step`` on differs from the bound (a KL weight below 1,
+    or free nats); the weights only rise, so the epoch's first step decides for the epoch."""
+    return kl_weight(cfg, step) != 1.0 or key_kl_weight(cfg, step) != 1.0 or key_free_nats(cfg, step) > 0
+
+
+def train_sample(episodes: Episodes, cfg: Config, epoch: int, most: int = TRAIN_BOUND_EPISODES):
+    """The epoch's first training batches, up to ``most`` episodes (or ``--eval-episodes``): where the
+    true train bound is measured while the objective is weighted (a fixed, cheap sample)."""
+    wanted = min(most, cfg.eval_episodes or most)
+    return itertools.islice(episodes.train_epoch(epoch), max(1, math.ceil(wanted / cfg.batch_size)))
 
 
 def eval_split(cfg: Config) -> str:
@@ -244,7 +247,9 @@ def eval_split(cfg: Config) -> str:
 def report(record: dict) -> str:
     """The epoch's one line on stderr."""
     split = "valid" if "valid_bound" in record else "test"
-    return (f"epoch {record['epoch']} step {record['step']}: train bound {record['train_bound']:.2f}, "
+    objective = ("" if record["train_objective"] == record["train_bound"] else
+                 f"warm-up objective {record['train_objective']:.2f} (KL x {record['kl_scale']:.2f}), ")
+    return (f"epoch {record['epoch']} step {record['step']}: {objective}train bound {record['train_bound']:.2f}, "
             f"{split} bound {record[f'{split}_bound']:.2f} nats/image"
             + (f" = {record[f'{split}_bits_per_dim']:.3f} bits/dim" if f"{split}_bits_per_dim" in record else "")
             + (f", memory gain {record['memory_gain']:.2f}" if record["memory_gain"] is not None else "")
@@ -278,6 +283,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
     run_dir = Path(run_dir)
     world = world or distributed.init(cfg.device)
     mine = world.episodes(cfg.batch_size)                   # this rank's slice of every global batch
+    resolve_run_data_dir(cfg)                               # the run's config says where its data are
     data = load_dataset(cfg.data, cfg.data_dir)
     fingerprint = rundir.data_fingerprint(data)
     if resume_state is not None:
@@ -312,16 +318,18 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     first_step = state.step                                  # validated (see Config.validate_every_step)
     model.train()
-    with StopRequests() as stop:
+    show = progress and world.is_main
+    with StopRequests() as stop, run_bar(cfg, state, episodes.steps_per_epoch(), show) as whole_run:
         while state.epoch < cfg.epochs and budget_left():
             epoch_start = time.time()
             batches = episodes.train_epoch(state.epoch, start_step=state.epoch_step)
             bar = tqdm(batches, total=episodes.steps_per_epoch(), initial=state.epoch_step, desc=f"epoch {state.epoch}",
-                       unit="step", disable=not (progress and world.is_main), dynamic_ncols=True)
+                       unit="step", disable=not show, dynamic_ncols=True, position=1, leave=False)
             running, interrupted = None, False
             for x in bar:
                 line = train_step(loss_fn, state, x[mine], cfg, world,
                                   validate=cfg.validate_every_step or state.step == first_step)
+                whole_run.update()
                 if state.nonfinite_in_row >= cfg.max_nonfinite:
                     raise nonfinite_stop(f"{state.nonfinite_in_row} steps in a row (up to step {state.step - 1}) "
                                          f"gave a non-finite loss or gradient", run_dir)
@@ -333,7 +341,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 if running is not None:
                     beta, key_beta = line["kl_scale"], line["key_kl_scale"]
                     bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta * key_beta == 1.0 else
-                                        f"warm-up loss {running:.2f} (KL x {beta:.2f}, keys x {key_beta:.2f})")
+                                        f"warm-up objective {running:.2f} (KL x {beta:.2f}, keys x {key_beta:.2f})")
                 interrupted = world.any(stop.requested)       # all ranks stop at the same step
                 if interrupted or not budget_left(time.time() - epoch_start):
                     break
@@ -345,7 +353,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 save(run_dir, cfg, model, state, world, fingerprint)
                 if world.is_main:
                     print(f"{stop.name or 'another rank'}: stopped at step {state.step}; checkpoint saved to "
-                          f"{run_dir / CHECKPOINT_NAME}. Resume with: python -m pyro_kpp.svi --resume {run_dir}",
+                          f"{run_dir / CHECKPOINT_NAME}. Resume with: python -m pyro_kpp.svi --resume {run_dir.resolve()}",
                           file=sys.stderr, flush=True)
                 raise Interrupted(stop.signum or signal.SIGTERM)
             if world.is_main:                       # the others wait in save()'s gather
@@ -354,6 +362,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 history.append(record)
                 with (run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                save_curves([run_dir], run_dir / "curves.png")
                 if progress or not sys.stderr.isatty():
                     print(report(record), file=sys.stderr, flush=True)
             if state.epoch_step >= episodes.steps_per_epoch():
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         return 128 + stop.signum
     except (ValueError, TypeError, OSError, NonFiniteTraining) as exc:
-        parser.exit(2, f"error: {exc}\n")
+        parser.exit(2, f"error: {flag_message(exc, CONFIG_FIELDS)}\n")
     if history:
         print(json.dumps(history[-1]))
     return 0

@@ -48,7 +48,7 @@ def models():
     (["--lr", "inf"], "argument --lr: expected a finite number"),
     (["--lr", "nan"], "argument --lr: expected a finite number"),
     (["--clip-norm", "nan"], "argument --clip-norm: expected a finite number"),
-    (["--clip-norm", "-1"], "clip_norm: expected a finite norm >= 0"),
+    (["--clip-norm", "-1"], "--clip-norm: expected a finite norm >= 0"),
     (["--max-minutes", "inf"], "argument --max-minutes: expected a finite number"),
 ])
 def test_nonfinite_hyperparameters_are_refused_at_parse_time(argv, message, tmp_path, capsys):
@@ -170,7 +170,7 @@ def test_sampling_many_images_runs_in_bounded_chunks(model, episode, monkeypatch
 @pytest.mark.parametrize("device", ["mps", "meta"])
 def test_svi_refuses_unsupported_devices_before_making_a_folder(device, tmp_path, capsys):
     run = tmp_path / "r"
-    assert "device: expected 'auto', 'cpu', 'cuda'" in _exit_line(capsys, svi.main, "--device", device,
+    assert "--device: expected 'auto', 'cpu', 'cuda'" in _exit_line(capsys, svi.main, "--device", device,
                                                                   "--run-dir", str(run))
     assert not run.exists()
 

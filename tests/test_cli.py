@@ -75,7 +75,7 @@ def test_resume_refuses_options_that_change_the_model(tmp_path, capsys):
     (["--memory-shape", "3,64"], "C,H,W"),
     (["--window", "6"], "window: expected a multiple of 4"),
     (["--window", "128"], "larger than the memory"),
-    (["--episode-length", "0"], "episode_length: expected a positive integer"),
+    (["--episode-length", "0"], "--episode-length: expected a positive integer"),
 ])
 def test_bad_options_are_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -116,7 +116,7 @@ def test_options_are_generated_from_the_config():
     text = " ".join(parser.format_help().split())
     assert "-T EPISODE_LENGTH, --episode-length EPISODE_LENGTH images per episode T" in text
     assert "(default: 32)" in text and "(default: 3,64,64)" in text and "(default: by preset: cpu 256, paper 512)" in text
-    args = parser.parse_args(["-T", "5", "--memory-shape", "3,16,16", "--validate-every-step", "--lr", "0.01"])
-    assert vars(args) == {"episode_length": 5, "memory_shape": (3, 16, 16), "validate_every_step": True, "lr": 0.01}
+    args = parser.parse_args(["-T", "5", "--memory-shape", "3,32,32", "--validate-every-step", "--lr", "0.01"])
+    assert vars(args) == {"episode_length": 5, "memory_shape": (3, 32, 32), "validate_every_step": True, "lr": 0.01}
     cfg = svi.config_from_args(args, None)
-    assert (cfg.episode_length, cfg.memory_shape, cfg.batch_size) == (5, (3, 16, 16), 8)
+    assert (cfg.episode_length, cfg.memory_shape, cfg.batch_size) == (5, (3, 32, 32), 8)

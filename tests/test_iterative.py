@@ -20,7 +20,8 @@ from helpers import tiny_config
 def test_iterative_read_returns_every_step_and_leaves_the_memory_alone(model, episode):
     memory = model.write(episode)
     before = memory.value.clone()
-    reading = pyro_kpp.iterative_read(model, memory, episode, steps=3, generator=torch.Generator().manual_seed(0))
+    reading = pyro_kpp.iterative_read(model, memory, episode, steps=3, full=True,
+                                      generator=torch.Generator().manual_seed(0))
     assert reading.steps == 3
     assert reading.queries.shape == (3, 2, 4, 1, 28, 28)
     assert reading.keys.shape == (3, 2, 4, 2, 3)

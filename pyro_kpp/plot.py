@@ -1,0 +1,115 @@
+"""Training curves and a comparison table: ``python -m pyro_kpp.plot RUN [RUN ...] [--out FIG.png]``.
+
+Draws each run's bounds (train and test, or validation when the run used ``--valid-images``)
+over epochs and over training time, one colour per run, plus the per-step loss of runs trained
+with ``--log-steps``; prints one table row per run. Training writes the same figure for its own
+run as ``curves.png`` at every epoch. Reads only ``metrics.jsonl`` / ``steps.jsonl`` (and
+``config.json``), so it works on a run that is still training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .plots import save_figure
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a metrics file (a line being written is skipped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run_metrics(run: str | os.PathLike) -> tuple[list[dict], str]:
+    """A run's per-epoch records and the split they were evaluated on ("valid" or "test")."""
+    path = Path(run)
+    if not path.is_dir():
+        raise ValueError(f"RUN: expected a run directory (with metrics.jsonl), got {run}")
+    records = read_jsonl(path / "metrics.jsonl")
+    if not records:
+        raise ValueError(f"RUN: {run} has no epoch in metrics.jsonl yet")
+    return records, "valid" if "valid_bound" in records[-1] else "test"
+
+
+def _epochs(r: dict) -> float:
+    """Epochs done at a record: a record of an epoch cut short (``--max-steps``) counts half."""
+    return r["epoch"] + (1.0 if r.get("epoch_complete", True) else 0.5)
+
+
+def draw(runs: list[str | os.PathLike]):
+    """The figure: bounds over epochs, over training minutes and (when logged) per step."""
+    import matplotlib.pyplot as plt
+
+    with_steps = [r for r in runs if (Path(r) / "steps.jsonl").exists()]
+    fig, axes = plt.subplots(1, 3 if with_steps else 2, figsize=(13 if with_steps else 9, 3.6), squeeze=False)
+    axes = axes[0]
+    for i, run in enumerate(runs):
+        records, split = run_metrics(run)
+        colour, name = f"C{i % 10}", Path(run).name
+        for ax, x in ((axes[0], [_epochs(r) for r in records]),
+                      (axes[1], [r["train_seconds_total"] / 60 for r in records])):
+            ax.plot(x, [r[f"{split}_bound"] for r in records], "-o", ms=3, color=colour, label=f"{name} {split}")
+            ax.plot(x, [r["train_bound"] for r in records], "--", color=colour, label=f"{name} train")
+        if run in with_steps:
+            steps = read_jsonl(Path(run) / "steps.jsonl")
+            axes[2].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6, color=colour, label=name)
+    for ax, label in zip(axes, ("epoch", "training time (minutes)", "step")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("negative bound (nats/image)" if label != "step" else "training objective per step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_curves(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Draw ``runs`` into ``out`` (PNG; never half-written)."""
+    return save_figure(draw(runs), out)
+
+
+def table(runs: list[str | os.PathLike]) -> str:
+    """One row per run: model, data, epochs, steps, training time, last train bound, best and last
+    evaluation bound (test, or validation for runs with ``--valid-images``)."""
+    head = f"{'run':32s} {'model':6s} {'data':14s} {'epochs':>6s} {'steps':>7s} {'minutes':>8s} " \
+           f"{'train':>8s} {'split':5s} {'best':>8s} {'last':>8s}"
+    lines = [head, "-" * len(head)]
+    for run in runs:
+        records, split = run_metrics(run)
+        cfg_path = Path(run) / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        last = records[-1]
+        lines.append(f"{Path(run).name[:32]:32s} {cfg.get('model', '?'):6s} {cfg.get('data', '?'):14s} "
+                     f"{_epochs(last):6g} {last['step']:7d} {last['train_seconds_total'] / 60:8.1f} "
+                     f"{last['train_bound']:8.2f} {split:5s} {min(r[f'{split}_bound'] for r in records):8.2f} "
+                     f"{last[f'{split}_bound']:8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyro_kpp.plot", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", help="figure to write (default: RUN/curves.png for one run, curves.png here for several)")
+    args = p.parse_args(argv)
+    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
+    try:
+        text = table(args.runs)
+        save_curves(args.runs, out)
+    except (ValueError, OSError) as exc:
+        p.exit(2, f"error: {exc}\n")
+    print(text)
+    print(f"figure: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""What evaluate tells a user besides the bounds: Pareto-k of its importance weights, and its defaults."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyro_kpp import evaluate as evaluate_cli
+
+
+def test_evaluate_reports_pareto_k(tiny_run, capsys):
+    assert evaluate_cli.main([str(tiny_run), "--samples", "20", "--episodes", "2"]) == 0
+    out = capsys.readouterr()
+    line = next(l for l in out.out.splitlines() if l.startswith("Pareto k of the importance weights"))
+    assert "of 8 images" in line
+    result = evaluate_cli.evaluate_run(str(tiny_run), samples=20, max_episodes=1, progress=False)
+    assert result["pareto_k"]["images"] == 4 and result["pareto_k"]["max"] >= result["pareto_k"]["median"]
+
+
+def test_unreliable_iw_bound_is_a_warning_and_few_samples_are_not_fitted():
+    summary = evaluate_cli.pareto_summary(np.array([0.2, 0.6, 0.9, 1.1]))
+    assert summary["over_0.7"] == 2 and summary["over_0.5"] == 3
+    lines = evaluate_cli.pareto_lines(summary)
+    assert lines[1].startswith("warning: Pareto k > 0.7 for 2 of 4 images")
+    assert len(evaluate_cli.pareto_lines(evaluate_cli.pareto_summary(np.array([0.1, 0.3])))) == 1
+    assert "not fitted" in evaluate_cli.pareto_lines(None)[0]
+
+
+def test_evaluate_help_shows_its_defaults(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "importance samples per image (default: 100)" in text and "(default: auto)" in text

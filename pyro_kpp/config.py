@@ -34,6 +34,10 @@ DEFAULT_LIKELIHOOD = {"cifar10": "dmol"}
 #: KM / DKM memory rows K when none is given: KM §4 uses a 64 x 100 memory on Omniglot; the DKM
 #: paper's Omniglot memory (DeepMind's dynamic-kanerva-machines module) has 32 rows.
 DEFAULT_SLOTS = {"dkm": 32}
+#: The key KL's training-only schedule when none is given: K++ trains its keys at weight 0.02 for
+#: its first 1000 steps, the phase in which the addressed write organises the memory (README
+#: "Memory use"); the other models train theirs at the honest weight throughout.
+KEY_KL_DEFAULTS = {"kpp": {"key_kl_start": 0.02, "key_kl_hold": 1000}}
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
@@ -74,19 +78,19 @@ class Config:
     reads: int = opt(2, "K++ reads per image K (paper: 2)", flags=("-K",))
     memory_shape: tuple[int, int, int] = opt((3, 64, 64), "K++ memory C,H,W (paper: 3,64,64)")
     window: int = opt(16, "K++ read window h = w")
-    # K++ write (KPP_WRITES, models/kpp.py): "pooled" = M = f_mem(mean_t e_t), the paper's literal
-    # write (§3.3); "addressed" adds each image's block where its posterior-mean keys read (f_ST^T);
-    # "addressed-mean" divides each cell of that addressed part by how much was written into it;
-    # "blocks" is the addressed part alone, without f_mem
-    kpp_write: str = opt("pooled", "K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's "
+    # K++ write and keys (models/kpp.py, pyro_kpp/spatial.py). The defaults make the memory carry
+    # its episode (README "Memory use"): the addressed write alone ("blocks"), written at 4 x 4,
+    # read through the uniform key map at nearly one scale. The paper's literal reading is
+    # --kpp-write pooled --key-map tanh --kpp-block-res 0 --key-kl-start 1 --key-kl-hold 0.
+    kpp_write: str = opt("blocks", "K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's "
                          "block where its mean keys read; addressed-mean = the same, overlaps averaged; blocks = "
                          "the addressed part alone", choices=KPP_WRITES)
-    key_map: str = opt("tanh", "K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key "
+    key_map: str = opt("uniform", "K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key "
                        "prior spread uniformly over the memory at scales near window/memory", choices=KEY_MAPS)
-    kpp_block_res: int = opt(0, "K++ addressed write: resolution of each written block, upsampled to the window",
-                             default_text="0, the window's")
+    kpp_block_res: int = opt(4, "K++ addressed write: resolution of each written block, upsampled to the window "
+                             "(0: the window's)")
     key_scale_min: float = opt(0.5, "K++ uniform key map: smallest window scale, in memory pixels per window pixel")
-    key_scale_max: float = opt(1.5, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
+    key_scale_max: float = opt(0.6, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
     key_std_floor: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
     kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
                              "p(z|M,y) at the sampled keys", choices=("x", "read"))
@@ -113,8 +117,10 @@ class Config:
     # Training-only weight of the key / address KL (K++ keys, KM y, DKM w), on top of the warm-up:
     # key_kl_start for key_kl_hold steps, then a cosine ramp to 1 over key_kl_ramp steps
     # (pyro_kpp.schedules). Every reported bound weights it 1.
-    key_kl_start: float = opt(1.0, "training-only weight of the key/address KL at the start (1 = none)")
-    key_kl_hold: int = opt(0, "steps the key KL weight stays at --key-kl-start")
+    key_kl_start: float | None = opt(None, "training-only weight of the key/address KL at the start (1 = none)",
+                                     default_text="K++ 0.02, other models 1")
+    key_kl_hold: int | None = opt(None, "steps the key KL weight stays at --key-kl-start",
+                                  default_text="K++ 1000, other models 0")
     key_kl_ramp: int = opt(0, "steps of the cosine ramp of the key KL weight to 1")
     key_free_nats: float = opt(0.0, "training-only free nats of the key/address KL per image through the hold, "
                                "falling to 0 over the ramp")
@@ -142,6 +148,9 @@ class Config:
             self.likelihood = DEFAULT_LIKELIHOOD.get(self.data, "bernoulli")
         if self.slots is None:
             self.slots = DEFAULT_SLOTS.get(self.model, 64)
+        for name, value in KEY_KL_DEFAULTS.get(self.model, {"key_kl_start": 1.0, "key_kl_hold": 0}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.preset not in PRESET_DEFAULTS:
             raise ValueError(f"preset: expected one of {sorted(PRESET_DEFAULTS)}, got {self.preset!r}")
         for name, value in PRESET_DEFAULTS[self.preset].items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import pyro
+import pytest
 import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, Normal
@@ -19,11 +20,24 @@ from pyro_kpp.registry import build_model
 from helpers import tiny_config
 
 
+def _hand_memory(model, E, key_loc):
+    """The written memory from the nets: f_mem(mean e) (the literal write) or the blocks g(e_t)
+    at r x r, upsampled, scattered where the posterior-mean keys read (the default write)."""
+    if model.cfg.kpp_write == "pooled":
+        return model.writer(E.mean(1))
+    B, T = E.shape[:2]
+    C, H, W = model.cfg.memory_shape
+    r, h = model.cfg.kpp_block_res, model.cfg.window
+    blocks = model.block_net(E).reshape(B * T * model.cfg.reads, C, r, r)
+    blocks = torch.nn.functional.interpolate(blocks, size=(h, h), mode="bilinear").reshape(B, T, -1, C, h, h)
+    return model.reader.adjoint(blocks, key_loc.reshape(B, T, -1, 3), (H, W))
+
+
 def _hand_terms(model, x, keys, z):
     """Per-image reconstruction and KL-sample terms, computed directly from the nets: (B, T) each."""
     E = model.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])          # (B, T, D)
-    memory = model.writer(E.mean(1))                                       # (B, C, H, W)
     key_loc, key_scale = model.q.key_head(E)
+    memory = _hand_memory(model, E, key_loc)                               # (B, C, H, W)
     z_loc, z_scale = model.q.code_head(E)
     log_q_y = Normal(key_loc, key_scale).log_prob(keys.flatten(-2)).sum(-1)
     log_q_z = Normal(z_loc, z_scale).log_prob(z).sum(-1)
@@ -36,15 +50,16 @@ def _hand_terms(model, x, keys, z):
     return log_p_x, log_q_z - log_p_z, log_q_y - log_p_y
 
 
-def _setup(seed=0, B=3, T=5):
+def _setup(seed=0, B=3, T=5, **cfg):
     pyro.set_rng_seed(seed)
-    model = build_model(tiny_config(episode_length=T, batch_size=B))
+    model = build_model(tiny_config(episode_length=T, batch_size=B, **cfg))
     x = torch.bernoulli(torch.full((B, T, 1, 28, 28), 0.2))
     return model, x
 
 
-def test_log_weights_equal_the_hand_computation():
-    model, x = _setup()
+@pytest.mark.parametrize("write", ["blocks", "pooled"])
+def test_log_weights_equal_the_hand_computation(write):
+    model, x = _setup(kpp_write=write, kpp_block_res=2)
     pyro.set_rng_seed(7)
     lw = log_weights(model, x, samples=1)[0]                               # (B, T)
     pyro.set_rng_seed(7)

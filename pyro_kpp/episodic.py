@@ -108,6 +108,13 @@ def pyro_program(method):
     return program
 
 
+def roll_episodes(memory, shift: int = 1):
+    """Episode b of ``memory`` (a tensor or a tuple of tensors, episodes first) becomes episode b + shift's."""
+    if isinstance(memory, tuple):
+        return tuple(m.roll(-shift, 0) for m in memory)
+    return memory.roll(-shift, 0)
+
+
 class EpisodicModel(PyroModule):
     """Base class: shared encoder, decoder, likelihood, input checks and embedding reuse."""
 
@@ -268,11 +275,7 @@ class EpisodicModel(PyroModule):
 
     def foreign(self, memory):
         """``memory`` (a tensor or a tuple of tensors, episodes first) as ``foreign_memory`` wants it."""
-        if self._memory_shift == 0:
-            return memory
-        if isinstance(memory, tuple):
-            return tuple(m.roll(-self._memory_shift, 0) for m in memory)
-        return memory.roll(-self._memory_shift, 0)
+        return roll_episodes(memory, self._memory_shift) if self._memory_shift else memory
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""

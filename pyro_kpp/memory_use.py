@@ -16,17 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .episodic import EpisodicModel, Memory
+from .episodic import EpisodicModel, Memory, roll_episodes
 
 
 def _first(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
-
-
-def _rolled(value):
-    if isinstance(value, tuple):
-        return tuple(v.roll(-1, 0) for v in value)
-    return value.roll(-1, 0)
 
 
 @torch.no_grad()
@@ -35,7 +29,7 @@ def read_nll(model: EpisodicModel, x: torch.Tensor, memory: Memory) -> dict[str,
     ``memory`` ("own") and from episode b + 1's ("other"); needs B >= 2."""
     keys = model.infer_keys(x)                                          # (B, T, ...)
     out = {}
-    for name, value in (("own", memory.value), ("other", _rolled(memory.value))):
+    for name, value in (("own", memory.value), ("other", roll_episodes(memory.value))):
         params = model.generate(Memory(model, value), keys, sample_z=False)   # (B, T, C', H, W)
         out[name] = -model.likelihood.dist(params).log_prob(x)          # (B, T)
     return out

@@ -20,7 +20,7 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")   # labels never clipped
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,7 +15,8 @@ eq. 4 summed over the episode:  sum_t E[ln p(x_t|z_t)] - E_q(y)[KL(q(z_t|X) || p
 - KL(q(y_t|X) || p(y_t)). Nothing is divided by T inside the model; the per-image figure is
 the episode's bound divided by T, taken once, in ``pyro_kpp.bound``.
 
-The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; README "Memory use"):
+The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; README "Memory use",
+where every part of the default is measured against the literal write):
 
 * ``"pooled"``: M = f_mem(mean_t e_t), the literal reading of §3.3. Trained on Omniglot it learns
   one memory for every episode: the bound with another episode's memory is the same.
@@ -26,7 +27,7 @@ The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; R
   function of the episode, M ~ delta(f(X)) (eq. 5), recorded at the site "memory".
 * ``"addressed-mean"``: the addressed part is divided, cell by cell, by the total bilinear weight
   written into the cell (at least 1), so overlapping windows average instead of adding up.
-* ``"blocks"``: the addressed part alone, M = sum_t f_ST^T(g(e_t), mu_key(e_t)), with no f_mem:
+* ``"blocks"`` (the default): the addressed part alone, M = sum_t f_ST^T(g(e_t), mu_key(e_t)), with no f_mem:
   a cell holds something only where an image of this episode wrote, so the memory can hold no
   fixed "semantic" table for the keys to index (the keys cannot become a per-image code into it).
 

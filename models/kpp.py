@@ -53,6 +53,20 @@ from pyro_kpp.nets import ConvGaussianHead, DenseNet, MemoryWriter, dense_spectr
 from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
 
 
+def gaussian_blur(memory: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each channel of memory (B, C, H, W) convolved with a Gaussian of ``sigma`` memory pixels
+    (``Config.memory_blur``), zero-padded like the read."""
+    radius = max(1, round(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=memory.dtype, device=memory.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    C = memory.shape[1]
+    rows = kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1)
+    cols = kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1)
+    memory = F.conv2d(memory, rows, padding=(radius, 0), groups=C)
+    return F.conv2d(memory, cols, padding=(0, radius), groups=C)
+
+
 class KanervaPlusPlus(EpisodicModel):
     """K++: deterministic block memory read through spatial-transformer windows."""
 
@@ -108,6 +122,8 @@ class KanervaPlusPlus(EpisodicModel):
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""
+        if self.cfg.memory_blur > 0:                             # reads that tolerate small key shifts
+            memory = gaussian_blur(memory, self.cfg.memory_blur)
         windows = self.reader(memory, keys)                      # (..., B, T, K, C, h, w)
         stacked = windows.flatten(-4, -3)                        # (..., B, T, K*C, h, w)
         return over_leading(self.prior_net, stacked, 3)          # 2 x (..., B, T, L)

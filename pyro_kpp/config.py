@@ -24,7 +24,7 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     1: lambda d: {"kpp_write": "pooled", "key_map": "tanh", "key_kl_start": 1.0, "key_kl_hold": 0,
                   "key_kl_ramp": 0, "key_free_nats": 0.0, "kpp_posterior": "x", "kpp_block_res": 0,
                   "key_std_floor": 0.0, "kl_weight": 1.0, "valid_images": 0,
-                  "key_scale_min": 0.5, "key_scale_max": 1.5,
+                  "key_scale_min": 0.5, "key_scale_max": 1.5, "memory_blur": 0.0,
                   **d,
                   "version": 2},
 }
@@ -91,6 +91,8 @@ class Config:
                              "(0: the window's)")
     key_scale_min: float = opt(0.5, "K++ uniform key map: smallest window scale, in memory pixels per window pixel")
     key_scale_max: float = opt(0.6, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
+    memory_blur: float = opt(0.0, "K++: the prior reads the memory blurred by a Gaussian of this many memory pixels "
+                             "(0: no blur)")
     key_std_floor: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
     kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
                              "p(z|M,y) at the sampled keys", choices=("x", "read"))
@@ -196,6 +198,8 @@ class Config:
             raise ValueError(f"key_scale_min, key_scale_max: expected 0 < min <= max <= memory / window = "
                              f"{min(self.memory_shape[1:]) / self.window:g}, got {self.key_scale_min!r}, "
                              f"{self.key_scale_max!r}")
+        if not 0 <= self.memory_blur < float("inf"):
+            raise ValueError(f"memory_blur: expected a non-negative finite number of pixels, got {self.memory_blur!r}")
         if not 0 <= self.key_std_floor < float("inf"):
             raise ValueError(f"key_std_floor: expected a non-negative finite number, got {self.key_std_floor!r}")
         if self.kpp_posterior not in ("x", "read"):

@@ -240,3 +240,20 @@ def test_memory_gain_on_a_short_real_run(tmp_path):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["memory_gain"] > 3.0, record
     assert record["read_nll_other"] > record["read_nll"] + 3.0, record
+
+
+def test_memory_blur_is_a_normalised_gaussian_the_prior_reads_through():
+    from pyro_kpp.models.kpp import gaussian_blur
+
+    m = torch.zeros(1, 2, 16, 16, dtype=torch.float64)
+    m[0, :, 8, 8] = 1.0
+    blurred = gaussian_blur(m, 1.5)
+    torch.testing.assert_close(blurred.sum(), torch.tensor(2.0, dtype=torch.float64))   # mass kept inside
+    torch.testing.assert_close(blurred[0, 0], blurred[0, 0].T)                           # isotropic
+    ratio = blurred[0, 0, 8, 9] / blurred[0, 0, 8, 8]
+    torch.testing.assert_close(ratio, torch.tensor(math.exp(-0.5 / 1.5 ** 2), dtype=torch.float64))
+    model = build_model(tiny_config(memory_blur=1.0)).eval()
+    memory, keys = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 2, 3)
+    sharp = build_model(tiny_config()).eval()
+    sharp.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.code_prior(memory, keys)[0], sharp.code_prior(gaussian_blur(memory, 1.0), keys)[0])

@@ -35,6 +35,11 @@ where every part of the default is measured against the literal write):
 window: a smooth block reads back nearly the same under a small shift of the key, so the key
 posterior need not be sharp (and costly) to read it.
 
+``Config.memory_blur`` = sigma > 0 (default 2): the learned prior reads the memory blurred by a
+Gaussian of sigma memory pixels (``gaussian_blur``), so a read a pixel or two off its block still
+sees it; the keys then need less precision (and fewer nats). The memory itself, the site
+"memory" and the write are unchanged.
+
 The code posterior, ``Config.kpp_posterior``: ``"x"`` is the paper's q(z | X); ``"read"`` is
 q(z | X, M, y), whose network also sees the mean of p(z | M, y) at the sampled keys
 (``pyro_kpp.guides.kpp``).

@@ -80,8 +80,9 @@ class Config:
     window: int = opt(16, "K++ read window h = w")
     # K++ write and keys (models/kpp.py, pyro_kpp/spatial.py). The defaults make the memory carry
     # its episode (README "Memory use"): the addressed write alone ("blocks"), written at 4 x 4,
-    # read through the uniform key map at nearly one scale. The paper's literal reading is
-    # --kpp-write pooled --key-map tanh --kpp-block-res 0 --key-kl-start 1 --key-kl-hold 0.
+    # read through the uniform key map at nearly one scale, the prior reading it blurred by 2 pixels.
+    # The paper's literal reading is
+    # --kpp-write pooled --key-map tanh --kpp-block-res 0 --key-kl-start 1 --key-kl-hold 0 --memory-blur 0.
     kpp_write: str = opt("blocks", "K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's "
                          "block where its mean keys read; addressed-mean = the same, overlaps averaged; blocks = "
                          "the addressed part alone", choices=KPP_WRITES)
@@ -91,7 +92,7 @@ class Config:
                              "(0: the window's)")
     key_scale_min: float = opt(0.5, "K++ uniform key map: smallest window scale, in memory pixels per window pixel")
     key_scale_max: float = opt(0.6, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
-    memory_blur: float = opt(0.0, "K++: the prior reads the memory blurred by a Gaussian of this many memory pixels "
+    memory_blur: float = opt(2.0, "K++: the prior reads the memory blurred by a Gaussian of this many memory pixels "
                              "(0: no blur)")
     key_std_floor: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
     kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "

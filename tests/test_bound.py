@@ -15,6 +15,7 @@ from pyro import poutine
 from torch.distributions import Bernoulli, Normal
 
 from pyro_kpp.bound import evaluate, image_bounds, log_weights, make_elbo, training_loss
+from pyro_kpp.models.kpp import gaussian_blur
 from pyro_kpp.registry import build_model
 
 from helpers import tiny_config
@@ -38,6 +39,8 @@ def _hand_terms(model, x, keys, z):
     E = model.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])          # (B, T, D)
     key_loc, key_scale = model.q.key_head(E)
     memory = _hand_memory(model, E, key_loc)                               # (B, C, H, W)
+    if model.cfg.memory_blur:                                              # the prior reads it blurred
+        memory = gaussian_blur(memory, model.cfg.memory_blur)
     z_loc, z_scale = model.q.code_head(E)
     log_q_y = Normal(key_loc, key_scale).log_prob(keys.flatten(-2)).sum(-1)
     log_q_z = Normal(z_loc, z_scale).log_prob(z).sum(-1)

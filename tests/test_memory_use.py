@@ -235,7 +235,7 @@ def test_memory_gain_on_a_short_real_run(tmp_path):
     run = tmp_path / "run"
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", "--max-steps", "288",
                      "--eval-episodes", "8", "--kpp-write", "blocks", "--key-map", "uniform", "--kpp-block-res", "0",
-                     "--key-scale-min", "0.5", "--key-scale-max", "1.5",
+                     "--key-scale-min", "0.5", "--key-scale-max", "1.5", "--memory-blur", "0",
                      "--key-kl-start", "0.02", "--key-kl-hold", "1000"]) == 0
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["memory_gain"] > 3.0, record
@@ -254,6 +254,6 @@ def test_memory_blur_is_a_normalised_gaussian_the_prior_reads_through():
     torch.testing.assert_close(ratio, torch.tensor(math.exp(-0.5 / 1.5 ** 2), dtype=torch.float64))
     model = build_model(tiny_config(memory_blur=1.0)).eval()
     memory, keys = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 2, 3)
-    sharp = build_model(tiny_config()).eval()
+    sharp = build_model(tiny_config(memory_blur=0)).eval()
     sharp.load_state_dict(model.state_dict())
     torch.testing.assert_close(model.code_prior(memory, keys)[0], sharp.code_prior(gaussian_blur(memory, 1.0), keys)[0])

@@ -22,7 +22,7 @@ def test_every_notebook_is_listed():
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_is_committed_with_outputs(name):
-    """Committed after a run top to bottom against a real run (README "Memory use", runs/V-memory),
+    """Committed after a run top to bottom against a real run (README "Memory use", runs/W-blur2),
     so a code host previews them: every code cell executed, in order, no error, no warning on
     stderr, and the figures drawn."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)

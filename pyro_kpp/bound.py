@@ -76,11 +76,8 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
     sites = {model.address_site: key_kl_scale} if model.address_site and key_kl_scale != 1.0 else {}
     if key_free_nats > 0:
         with model.reuse_embedding():
-            guide_tr = poutine.trace(guide_fn).get_trace(x)
-            model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(x)
-        model_tr.compute_log_prob()
-        guide_tr.compute_log_prob()
-        terms = {name: term.expand(x.shape[:2]).mean()
+            model_tr, guide_tr, _ = particle_traces(model, x, 1)      # one particle: (1, B, T)
+        terms = {name: term.expand(1, *x.shape[:2]).mean()
                  for name, term in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
         keys = torch.clamp(terms.pop("key_kl"), min=key_free_nats) * key_kl_scale
         return terms.pop("reconstruction") + kl_scale * (sum(terms.values()) + keys)

@@ -6,7 +6,8 @@ memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``)
 terms (reconstruction, code KL, key/address KL, DKM's memory KL); and what the memory carries
 about its episode: the memory gain (the bound with another test episode's memory minus the
 bound with the episode's own) and the NLL of the mean memory read at each image's keys, from
-its own and from another episode's memory (``pyro_kpp.memory_use``). For 8-bit data
+its own and from another episode's memory, and whether random-key samples are nearer to their
+own episode's images than to another's (``pyro_kpp.memory_use``). For 8-bit data
 (``--likelihood dmol``) both are also given in bits/dim, -bound / (D ln 2) with D = C*H*W
 sub-pixels (K++ Table 1): the likelihood is a probability mass over the 256 levels of each
 sub-pixel, so the figure needs no dequantization correction.
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memory gain (other memory - own):      {r['memory_gain']:.2f} nats/image")
             print(f"NLL of the mean memory read at the posterior-mean keys: {r['read_nll']:.2f} own memory, "
                   f"{r['read_nll_other']:.2f} another episode's")
+            print(f"random-key samples nearest to their own episode's images: {r['sample_nearest_own']:.1%} "
+                  f"(chance 50%); nearest-image distance {r['sample_distance_own']:.4f} own, "
+                  f"{r['sample_distance_other']:.4f} another episode's")
     return 0
 
 

@@ -11,6 +11,10 @@ minus the bound with the episode's own). This module adds two diagnostics that s
 * ``spread``: the standard deviation of the memory across the episodes of a batch (per cell,
   averaged) and within each memory (across its cells). A writer that ignores its episode has a
   spread across episodes near 0.
+* ``sample_affinity``: do samples read from a memory with keys from the key prior look like the
+  memory's own episode more than like another episode? For each sample, its nearest image (mean
+  squared pixel distance) among the episode's own T images and episode b + 1's T images; the
+  fraction whose nearest image is the own episode's is 0.5 for a memory that ignores its episode.
 """
 from __future__ import annotations
 
@@ -47,24 +51,57 @@ def spread(memory: Memory) -> dict[str, float]:
 
 
 @torch.no_grad()
-def diagnose(model: EpisodicModel, batches) -> dict:
-    """Mean read NLLs (own / other memory, nats/image) and memory spreads over the batches of two
-    episodes or more (a lone episode has no other memory to compare with); None where none."""
+def sample_affinity(model: EpisodicModel, x: torch.Tensor, memory: Memory, n: int | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Nearest-image distances of ``n`` (default T) random-key samples from each episode's memory.
+
+    Returns (B, n) tensors: ``own`` and ``other``, the mean squared pixel distance from each
+    sample's mean image to its nearest image of episode b and of episode b + 1 (needs B >= 2).
+    Samples draw keys from the key prior and z from p(z | M, keys) (``EpisodicModel.generate``).
+    """
+    n = x.shape[1] if n is None else n
+    keys = model.prior_keys(memory, n, generator=generator)                     # (B, n, *key_shape)
+    images = model.likelihood.mean(model.generate(memory, keys, generator=generator))   # (B, n, C, H, W)
+    flat, data = images.flatten(2), x.to(images.dtype).flatten(2)               # (B, n, D), (B, T, D)
+    out = {}
+    for name, episode in (("own", data), ("other", roll_episodes(data))):
+        d = torch.cdist(flat, episode).pow(2) / flat.shape[-1]                 # (B, n, T)
+        out[name] = d.min(-1).values
+    return out
+
+
+@torch.no_grad()
+def diagnose(model: EpisodicModel, batches, seed: int = 0) -> dict:
+    """Mean read NLLs (own / other memory, nats/image), memory spreads and the random-key samples'
+    affinity to their episode (``sample_affinity``; keys and codes drawn with ``seed``) over the
+    batches of two episodes or more (a lone episode has no other memory to compare with); None
+    where none."""
     was_training = model.training
     model.eval()
-    totals = {"own": 0.0, "other": 0.0, "within": 0.0, "across": 0.0}
+    totals = {"own": 0.0, "other": 0.0, "within": 0.0, "across": 0.0, "near_own": 0.0, "near_other": 0.0,
+              "nearest_own": 0.0}
     counts = {name: 0 for name in totals}
+    generator = None
     for x in batches:
         if x.shape[0] < 2:
             continue
+        if generator is None:                                   # the same samples on every call
+            generator = torch.Generator(x.device).manual_seed(seed)
         memory = model.write(x)
         for name, nll in read_nll(model, x, memory).items():
             totals[name] += float(nll.sum())
             counts[name] += nll.numel()
+        near = sample_affinity(model, x, memory, generator=generator)
+        for name, value in (("near_own", near["own"]), ("near_other", near["other"]),
+                            ("nearest_own", (near["own"] < near["other"]).to(near["own"].dtype))):
+            totals[name] += float(value.sum())
+            counts[name] += value.numel()
         for name, value in spread(memory).items():
             totals[name] += value * x.shape[0]
             counts[name] += x.shape[0]
     model.train(was_training)
     mean = {name: totals[name] / counts[name] if counts[name] else None for name in totals}
     return {"read_nll": mean["own"], "read_nll_other": mean["other"],
-            "memory_std_within": mean["within"], "memory_std_across": mean["across"]}
+            "memory_std_within": mean["within"], "memory_std_across": mean["across"],
+            "sample_distance_own": mean["near_own"], "sample_distance_other": mean["near_other"],
+            "sample_nearest_own": mean["nearest_own"]}

@@ -12,7 +12,7 @@ from pyro import poutine
 from pyro_kpp import svi
 from pyro_kpp.bound import TERMS, bound_terms, evaluate, make_elbo, particle_traces, training_loss
 from pyro_kpp.config import Config
-from pyro_kpp.memory_use import diagnose
+from pyro_kpp.memory_use import diagnose, sample_affinity
 from pyro_kpp.registry import build_model
 from pyro_kpp.schedules import key_kl_weight, kl_weight
 from pyro_kpp.spatial import SpatialTransformerRead, exact_window_keys
@@ -136,6 +136,26 @@ def test_memory_diagnostics():
     assert d["read_nll"] > 0 and d["read_nll_other"] > 0
     assert d["memory_std_across"] > 0 and d["memory_std_within"] > 0
     assert diagnose(build_model(tiny_config(model="vae")), [_episodes()])["memory_std_across"] is None
+    assert 0 <= d["sample_nearest_own"] <= 1 and d["sample_distance_own"] > 0
+    assert diagnose(model, [_episodes(), _episodes(B=1)]) == d              # seeded: the same samples
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sample_affinity_is_the_brute_force_nearest_image(name):
+    """Each sample's distance to its nearest own / other-episode image, against a loop over images."""
+    model = build_model(tiny_config(model=name)).eval()
+    x = _episodes()
+    memory = model.write(x)
+    near = sample_affinity(model, x, memory, n=5, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)                 # the same keys, then the same codes
+    with torch.no_grad():
+        images = model.likelihood.mean(model.generate(memory, model.prior_keys(memory, 5, generator=g), generator=g))
+    B, T = x.shape[:2]
+    for b in range(B):
+        for s in range(5):
+            for name_, episode in (("own", x[b]), ("other", x[(b + 1) % B])):
+                d = min(float(((images[b, s] - episode[t]) ** 2).mean()) for t in range(T))
+                assert near[name_][b, s].item() == pytest.approx(d, rel=1e-4, abs=1e-6)
 
 
 def test_key_kl_schedule():

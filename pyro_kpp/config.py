@@ -13,8 +13,9 @@ from typing import Callable
 
 from .likelihoods import LIKELIHOODS
 from .spatial import KEY_MAPS
+from .speed import PRECISIONS
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 #: Explicit upgrades of saved configs: MIGRATIONS[v] maps a version-v dict to a version-(v + 1)
 #: one, e.g. adding a new field with the value that reproduces what older code did. A field a
 #: saved config lacks is otherwise an error, never filled in silently with today's default.
@@ -27,6 +28,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
                   "key_scale_min": 0.5, "key_scale_max": 1.5, "memory_blur": 0.0,
                   **d,
                   "version": 2},
+    # 2 -> 3: the speed options; earlier runs trained eager in float32.
+    2: lambda d: {"compile": False, "precision": "fp32", **d, "version": 3},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
@@ -127,6 +130,10 @@ class Config:
     key_kl_ramp: int = opt(0, "steps of the cosine ramp of the key KL weight to 1")
     key_free_nats: float = opt(0.0, "training-only free nats of the key/address KL per image through the hold, "
                                "falling to 0 over the ramp")
+    # Speed (pyro_kpp.speed): neither changes the model or a reported bound (evaluation is float32).
+    compile: bool = opt(False, "compile the networks with torch.compile (eager, with a message, where unavailable)")
+    precision: str = opt("fp32", "training precision: fp32, or bf16 = the training loss under bf16 autocast "
+                         "(evaluation stays float32)", choices=PRECISIONS)
     clip_norm: float = opt(100.0, "global gradient-norm clip, 0 = off")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses or gradients in a row, each skipped")
     # Pyro's validation (shape and argument checks) and our input value checks run on the first
@@ -203,6 +210,10 @@ class Config:
             raise ValueError(f"memory_blur: expected a non-negative finite number of pixels, got {self.memory_blur!r}")
         if not 0 <= self.key_std_floor < float("inf"):
             raise ValueError(f"key_std_floor: expected a non-negative finite number, got {self.key_std_floor!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
         if self.kpp_posterior not in ("x", "read"):
             raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:

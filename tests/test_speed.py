@@ -1,0 +1,117 @@
+"""Speed options: compiled networks and bf16 autocast give the loss and gradients of the eager
+float32 step (to their precision), keep the checkpoint's format, and fall back cleanly."""
+from __future__ import annotations
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from pyro_kpp import speed, svi
+from pyro_kpp.bound import make_elbo, training_loss
+from pyro_kpp.config import Config
+from pyro_kpp.registry import build_model
+
+from helpers import tiny_cli_args, tiny_config
+
+MODELS = ["kpp", "km", "dkm", "vae"]
+
+
+def _episodes(B=2, T=4):
+    return torch.bernoulli(torch.full((B, T, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+
+
+def _loss_and_grads(model, x, precision="fp32"):
+    """The training loss and its gradient at fixed random draws."""
+    pyro.set_rng_seed(3)
+    model.zero_grad(set_to_none=True)
+    with pyro.validation_enabled(False), speed.autocast(precision, x.device):
+        loss = training_loss(model, x, make_elbo("trace"))
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _pair(name):
+    """Two copies of one tiny model, with the same weights."""
+    torch.manual_seed(0)
+    a = build_model(tiny_config(model=name))
+    b = build_model(tiny_config(model=name))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_networks_are_the_plain_modules_with_parameters():
+    model = build_model(tiny_config())
+    names = speed.networks(model)
+    assert {"encoder", "decoder", "prior_net"} <= set(names)
+    assert "q.key_head" in names and "q" not in names             # descends into PyroModules
+    assert all(not isinstance(model.get_submodule(n), pyro.nn.PyroModule) for n in names)
+    assert speed.networks(build_model(tiny_config(model="vae")))[:2] == ["encoder", "decoder"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_networks_give_the_eager_loss_and_gradients(name):
+    if (reason := speed.compile_unavailable(torch.device("cpu"))) is not None:
+        pytest.skip(f"torch.compile unavailable: {reason}")
+    eager, compiled = _pair(name)
+    names, reason = speed.compile_networks(compiled, torch.device("cpu"))
+    assert names and reason is None
+    assert compiled.state_dict().keys() == eager.state_dict().keys()      # checkpoints unchanged
+    x = _episodes()
+    loss_e, grads_e = _loss_and_grads(eager, x)
+    loss_c, grads_c = _loss_and_grads(compiled, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-3)
+    assert grads_c.keys() == grads_e.keys()
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-3 * (1 + grads_e[n].abs().max()),
+                                   msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["kpp", "km"])
+def test_bf16_autocast_is_close_to_float32(name):
+    model, _ = _pair(name)
+    x = _episodes()
+    loss32, g32 = _loss_and_grads(model, x)
+    loss16, g16 = _loss_and_grads(model, x, "bf16")
+    assert loss16.dtype == torch.float32                          # the log-densities stay float32
+    assert abs(float(loss16 - loss32)) < 0.01 * abs(float(loss32))
+    flat32 = torch.cat([g.flatten() for g in g32.values()])
+    flat16 = torch.cat([g16[n].flatten() for n in g32])
+    assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.99
+
+
+def test_unavailable_compiler_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+    monkeypatch.setattr(torch, "compile", broken)
+    model = build_model(tiny_config())
+    names, reason = speed.compile_networks(model, torch.device("cpu"))
+    assert names == [] and reason == "RuntimeError: no C++ compiler found"
+    assert not any(hasattr(model.get_submodule(n), "_compiled_call_impl") and model.get_submodule(n)._compiled_call_impl
+                   for n in speed.networks(model))
+
+
+def test_svi_trains_with_bf16_and_reports_float32_bounds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(speed, "compile_unavailable", lambda device: "RuntimeError: stub")
+    run = tmp_path / "run"
+    assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", "--max-steps", "2",
+                     "--precision", "bf16", "--compile", *tiny_cli_args()]) == 0
+    err = capsys.readouterr().err
+    assert "--compile: torch.compile is unavailable here (RuntimeError: stub); training eager" in err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precision"] == "bf16" and cfg["compile"] is True
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert isinstance(record["test_bound"], float)
+    # both may change on resume: they change neither the model nor the data order
+    assert svi.main(["--resume", str(run), "--max-steps", "3", "--precision", "fp32", "--no-progress"]) == 0
+
+
+def test_precision_is_checked_and_old_configs_migrate():
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        tiny_config(precision="fp16")
+    old = Config().to_dict()
+    old.update(version=2)
+    del old["compile"], old["precision"]
+    cfg = Config.from_dict(old)
+    assert cfg.compile is False and cfg.precision == "fp32"

@@ -25,6 +25,9 @@ from pyro.nn import PyroModule
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16")
+#: torch.compile's backend. Tests of the plumbing around compilation (the benchmark's sections)
+#: set "aot_eager", which traces the same graphs without generating code, to save minutes.
+BACKEND = "inductor"
 
 
 def networks(model: nn.Module, prefix: str = "") -> list[str]:
@@ -43,7 +46,7 @@ def compile_unavailable(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot run on ``device`` here, or None when a small probe compiles and
     runs (the CPU backend needs a working C++ compiler, the CUDA backend Triton)."""
     try:
-        probe = torch.compile(lambda t: torch.nn.functional.elu(t) * 2, dynamic=False)
+        probe = torch.compile(lambda t: torch.nn.functional.elu(t) * 2, dynamic=False, backend=BACKEND)
         probe(torch.ones(4, device=device))
     except Exception as exc:                                  # any backend failure means: stay eager
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
@@ -60,7 +63,7 @@ def compile_networks(model: nn.Module, device: torch.device) -> tuple[list[str],
         return [], reason
     names = networks(model)
     for name in names:
-        model.get_submodule(name).compile()
+        model.get_submodule(name).compile(backend=BACKEND)
     return names, None
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro import poutine
 
+from pyro_kpp import speed
 from pyro_kpp.bench.__main__ import main
 from pyro_kpp.bench.measure import alternate, count_dispatched, peak_memory
 from pyro_kpp.bench.reference import kpp_reference_loss
@@ -116,13 +117,20 @@ def test_linear_stand_ins_keep_the_shared_nets_shapes(omniglot):
         Bench.build(tiny_config(), omniglot, torch.device("cpu"), shared_nets="none")
 
 
-def test_quick_run_writes_json_plots_and_table(tmp_path, capsys):
+@pytest.fixture
+def fast_compile(monkeypatch):
+    """The benchmark's compiled variants traced without code generation (tests/test_speed.py checks
+    the real compiler's numbers): minutes saved."""
+    monkeypatch.setattr(speed, "BACKEND", "aot_eager")
+
+
+def test_quick_run_writes_json_plots_and_table(tmp_path, capsys, fast_compile):
     out = tmp_path / "results"
     assert main(["--quick", "--repeats", "1", "--budget", "0.5", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
     results = report["results"]
     assert set(results) == {"throughput", "memory_path", "dispatch", "options", "overhead", "scaling", "flops",
-                            "quality"}
+                            "speed", "evaluation", "quality"}
     assert set(results["throughput"]) == {"paper", "recipe", "cpu"}
     for preset in [*results["throughput"].values(), results["memory_path"]["paper"]]:
         assert set(preset["models"]) == {"kpp", "km", "dkm", "vae"}
@@ -137,7 +145,15 @@ def test_quick_run_writes_json_plots_and_table(tmp_path, capsys):
     assert {p["model"] for p in results["scaling"]["slots"]["points"]} == {"km", "dkm"}
     assert 0 < results["flops"]["kpp"]["fraction_of_peak"]
     assert all(r["steps"] >= 1 and r["test_bound"] > 0 for r in results["quality"].values())
-    assert {t["name"] for t in report["targets"]} == {"kpp_vs_dkm", "pyro_overhead", "memory_area", "matmul_peak"}
+    assert all(r["curve"][-1]["test_bound"] == r["test_bound"] and r["settings"]["compile"]
+               for r in results["quality"].values())
+    for variants in results["speed"].values():
+        assert set(variants) == {"eager", "compile", "bf16", "compile+bf16"} and variants["eager"]["speedup"] == 1.0
+        assert all(v["train_images_per_s"] > 0 and v["speedup"] > 0 for v in variants.values())
+    evaluation = results["evaluation"]["kpp"]
+    assert evaluation["eager"]["test_images"] == evaluation["compile"]["test_images"] == 2 * 4   # 2 episodes of T=4
+    assert {t["name"] for t in report["targets"]} == {"kpp_vs_dkm", "pyro_overhead", "memory_area", "matmul_peak",
+                                                      "compile", "evaluation"}
     for t in report["targets"]:                # each missed target comes with its profile table
         assert bool(t["profile"]) == (not t["met"])
         for profiled in t["profile"].values():
@@ -152,5 +168,19 @@ def test_quick_run_writes_json_plots_and_table(tmp_path, capsys):
 
 def test_bad_sections_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--quick", "--sections", "speed", "--out", str(tmp_path)])
+        main(["--quick", "--sections", "speedy", "--out", str(tmp_path)])
     assert "sections: expected a comma-separated subset" in capsys.readouterr().err
+
+
+def test_gpu_section_runs_on_the_cpu(tmp_path, capsys, fast_compile):
+    """The command a GPU user runs (``--sections gpu --device cuda``), tiny and on the CPU: so it is
+    known to work end to end when a GPU is present."""
+    out = tmp_path / "gpu"
+    assert main(["--quick", "--repeats", "1", "--sections", "gpu", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    for preset in ("paper", "recipe"):
+        r = report["results"]["gpu"]["kpp-dkm"][preset]
+        assert set(r["steps"]) == {"kpp eager", "dkm eager", "kpp compile+bf16", "dkm compile+bf16"}
+        assert r["dkm_over_kpp"]["eager"] > 0 and r["device"] == "cpu"
+    assert "DKM / K++ step time" in capsys.readouterr().out

@@ -16,19 +16,27 @@ from pyro_kpp.device import resolve_device
 
 from . import measure
 from .report import format_table, table_rows, write_plots
-from .sections import SECTIONS, Context, jobs, profiled_steps, targets
+from .sections import DEFAULT_SECTIONS, SECTIONS, Context, jobs, profiled_steps, targets
 from .sizes import Sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pyro_kpp.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (gpu: K++ vs DKM at paper sizes, "
+                        f"for --device cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default 5, quick 2)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of training per model in the quality section (default 60, quick 2)")
     p.add_argument("--eval-episodes", type=int, default=None,
                    help="test episodes for the quality section's bound (default 64, quick 2)")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="importance samples of the evaluation section (default 100, quick 2)")
+    p.add_argument("--eval-test-episodes", type=int, default=None,
+                   help="test episodes of the evaluation section (default: all 253, quick 2)")
+    p.add_argument("--quality-settings", choices=("fastest", "eager"), default="fastest",
+                   help="quality section: fastest = compiled, bf16 where native (pyro_kpp.speed); eager = float32")
     p.add_argument("--out", default="bench/results", help="output folder (bench.json, PNGs, profiles)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a fast smoke run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -61,7 +69,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                   device=resolve_device(args.device),
                   repeats=int(positive("repeats", args.repeats, 2 if args.quick else 5)),
                   budget=positive("budget", args.budget, 2.0 if args.quick else 60.0),
-                  eval_episodes=int(positive("eval_episodes", args.eval_episodes, 2 if args.quick else 64)))
+                  eval_episodes=int(positive("eval_episodes", args.eval_episodes, 2 if args.quick else 64)),
+                  eval_samples=int(positive("eval_samples", args.eval_samples, 2 if args.quick else 100)),
+                  eval_test_episodes=int(positive("eval_test_episodes", args.eval_test_episodes, 2))
+                  if args.quick or args.eval_test_episodes is not None else None,
+                  quality_settings=args.quality_settings)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results: dict = {}
@@ -81,7 +93,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     report = {
         "command": "python -m pyro_kpp.bench " + " ".join(argv),
         "quick": args.quick, "sections": sections, "repeats": ctx.repeats, "budget_s": ctx.budget,
-        "eval_episodes": ctx.eval_episodes,
+        "eval_episodes": ctx.eval_episodes, "eval_samples": ctx.eval_samples,
+        "eval_test_episodes": ctx.eval_test_episodes, "quality_settings": ctx.quality_settings,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(ctx.device),
                         "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "results": results,

@@ -43,6 +43,24 @@ def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
         rows.append(("flops", "K++ step achieved / matmul peak",
                      f"{r['fraction_of_peak']:.1%} ({r['achieved_gflops']:.1f} / {r['matmul_peak_gflops']:.1f} "
                      f"GFLOP/s, {r['threads']} threads)"))
+    for m, variants in results.get("speed", {}).items():
+        for k, r in variants.items():
+            if k != "eager":
+                lo, hi = r["speedup_range"]
+                note = ", compile unavailable: eager" if "compile" in k and not r["compiled"] else ""
+                rows.append(("speed", f"cpu {m}: train images/s with {k} / eager (range of rounds)",
+                             f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}; {r['train_images_per_s']:.0f} img/s{note})"))
+    if "evaluation" in results:
+        r = results["evaluation"]["kpp"]
+        for k in ("eager", "compile"):
+            rows.append(("evaluation", f"kpp, {k}: {r[k]['episodes']} test episodes ({r[k]['test_images']} images), "
+                                       f"S = {r['samples']}", f"{r[k]['seconds']:.1f} s"))
+    for preset, r in results.get("gpu", {}).get("kpp-dkm", {}).items():
+        for k, ratio in r["dkm_over_kpp"].items():
+            kpp = r["steps"][f"kpp {k}"]
+            rows.append(("gpu", f"{preset} sizes on {r['device']}, {k}: DKM / K++ step time; K++ images/s, "
+                                f"peak memory", f"{ratio:.2f}x; {kpp['train_images_per_s']:.0f} img/s, "
+                                                f"{kpp['peak_memory_mb']:.0f} MB"))
     for m, r in results.get("quality", {}).items():
         rows.append(("quality", f"{m}: test bound after {r['train_seconds']:.0f} s ({r['steps']} steps)",
                      f"{r['test_bound']:.2f} nats/image"))
@@ -98,9 +116,13 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         ax.legend()
         save(fig, f"scaling_{axis}.png")
     if "quality" in results:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        names = list(results["quality"])
-        ax.bar(names, [results["quality"][m]["test_bound"] for m in names])
-        ax.set_ylabel("test bound (nats/image), lower is better")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, r in results["quality"].items():
+            curve = r["curve"]
+            ax.plot([p["train_seconds"] / 60 for p in curve], [p["test_bound"] for p in curve], "o-", ms=3,
+                    label=f"{m}: {r['test_bound']:.1f}")
+        ax.set_xlabel("training time (minutes, evaluation excluded)")
+        ax.set_ylabel("test -ELBO (nats/image), lower is better")
+        ax.legend(title="model: final bound")
         save(fig, "quality.png")
     return written

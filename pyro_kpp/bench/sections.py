@@ -17,6 +17,9 @@ from typing import Callable
 import pyro
 import torch
 
+from pyro_kpp import speed
+from pyro_kpp.bound import evaluate
+from pyro_kpp.episodes import make_episodes, test_batches
 from pyro_kpp.svi import train
 
 from . import measure
@@ -34,6 +37,9 @@ class Context:
     repeats: int
     budget: float                     # seconds of training per model in the quality section
     eval_episodes: int
+    eval_samples: int = 100           # importance samples of the evaluation section
+    eval_test_episodes: int | None = None   # its test episodes (None: all)
+    quality_settings: str = "fastest"  # "fastest" (quality_settings()) or "eager" (float32, not compiled)
 
 
 @dataclass
@@ -182,16 +188,88 @@ def _flops(ctx: Context) -> dict:
             "threads": torch.get_num_threads()}
 
 
+# -- speed options: compiled networks and bf16 autocast against the eager float32 step ------------
+#: The variants of the speed section, as Config overrides (pyro_kpp.speed).
+SPEED_VARIANTS = {"eager": {}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
+                  "compile+bf16": {"compile": True, "precision": "bf16"}}
+#: Untimed steps first: compilation, and the recompilation for the optimizer's first update.
+SPEED_WARMUP = 3
+
+
+def _speed_steps(ctx: Context, configs: dict[str, object]) -> dict:
+    """Each config's train-step time, alternated, and its speed-up over the first config: the median and
+    range of the per-round ratios (both steps of a round ran under the same load)."""
+    benches = {k: Bench.build(cfg, ctx.data, ctx.device) for k, cfg in configs.items()}
+    for b in benches.values():
+        for _ in range(SPEED_WARMUP):
+            b.train_step()
+    steps = measure.alternate({k: b.train_step for k, b in benches.items()}, ctx.repeats, ctx.device)
+    base = next(iter(benches))
+    out = {}
+    for k, b in benches.items():
+        up = _paired(steps, base, k)
+        out[k] = {"speedup": statistics.median(up), "speedup_range": [up[0], up[-1]], "seconds": steps[k]["median"],
+                  "train_images_per_s": b.images / steps[k]["median"], "compiled": b.compiled,
+                  "peak_memory_mb": measure.peak_memory(b.train_step, ctx.device) / 2 ** 20}
+    return out
+
+
+def _speed(model: str):
+    def run(ctx: Context) -> dict:
+        return _speed_steps(ctx, {k: ctx.sizes.config(model, **v) for k, v in SPEED_VARIANTS.items()})
+    return run
+
+
+# -- a GPU's figures: K++ against DKM at the paper's sizes, eager and with the speed options --------
+def _gpu(ctx: Context) -> dict:
+    out = {}
+    for preset in ("paper", "recipe"):
+        configs = {f"{m} {k}": ctx.sizes.config(m, preset, **SPEED_VARIANTS[k])
+                   for k in ("eager", "compile+bf16") for m in ("kpp", "dkm")}
+        steps = _speed_steps(ctx, configs)
+        out[preset] = {"steps": steps, "device": str(ctx.device),
+                       "dkm_over_kpp": {k: steps[f"dkm {k}"]["seconds"] / steps[f"kpp {k}"]["seconds"]
+                                        for k in ("eager", "compile+bf16")}}
+    return out
+
+
+# -- evaluation: the test split's bounds with S importance samples ----------------------------------
+def _evaluation(ctx: Context) -> dict:
+    """Wall time of ``pyro_kpp.bound.evaluate`` (what ``python -m pyro_kpp.evaluate`` runs) over the
+    test episodes with S samples, for an untrained K++ at the CPU defaults, eager and compiled."""
+    out = {"samples": ctx.eval_samples}
+    for k in ("eager", "compile"):
+        b = Bench.build(ctx.sizes.config("kpp", **SPEED_VARIANTS[k]), ctx.data, ctx.device)
+        b.model.eval()
+        episodes = make_episodes(b.model.cfg, ctx.data, ctx.device)
+        n = min(ctx.eval_test_episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
+        evaluate(b.model, test_batches(episodes, 2), samples=2)            # compilation, untimed
+        result = {}
+        timed = measure.alternate({k: lambda: result.update(evaluate(b.model, test_batches(episodes, n),
+                                                                     samples=ctx.eval_samples))},
+                                  repeats=1, device=ctx.device, warmup=0)
+        out[k] = {"seconds": timed[k]["median"], "test_images": result["images"], "episodes": n}
+    return out
+
+
 # -- quality: the bound after a fixed training-time budget ------------------------------------------
+def quality_settings(device: torch.device) -> dict:
+    """The fastest settings (the speed section's): compiled networks, and bf16 where it is native."""
+    return {"compile": True, "precision": "bf16" if speed.bf16_native(device) else "fp32"}
+
+
 def _quality(model: str):
     def run(ctx: Context) -> dict:
+        settings = quality_settings(ctx.device) if ctx.quality_settings == "fastest" else {}
         cfg = ctx.sizes.config(model, max_minutes=ctx.budget / 60, eval_episodes=ctx.eval_episodes,
-                               device=str(ctx.device))
+                               device=str(ctx.device), **settings)
         with tempfile.TemporaryDirectory() as run_dir:
             history = train(cfg, run_dir, progress=False)
         last = history[-1]
         return {"test_bound": last["test_bound"], "steps": last["step"], "test_images": last["test_images"],
-                "train_seconds": last["train_seconds_total"], "kl_scale": last["kl_scale"]}
+                "train_seconds": last["train_seconds_total"], "kl_scale": last["kl_scale"], "settings": settings,
+                "curve": [{"train_seconds": h["train_seconds_total"], "step": h["step"], "test_bound": h["test_bound"]}
+                          for h in history]}
     return run
 
 
@@ -205,12 +283,18 @@ def jobs(sections: list[str]) -> list[Job]:
         "scaling": [Job("scaling", "memory_area", _scale_area), Job("scaling", "slots", _scale_slots),
                     Job("scaling", "episode_length", _scale_length)],
         "flops": [Job("flops", "kpp", _flops)],
+        "speed": [Job("speed", m, _speed(m)) for m in MODEL_NAMES],
+        "evaluation": [Job("evaluation", "kpp", _evaluation)],
         "quality": [Job("quality", m, _quality(m)) for m in MODEL_NAMES],
+        "gpu": [Job("gpu", "kpp-dkm", _gpu)],
     }
     return [job for s in sections for job in plan[s]]
 
 
-SECTIONS = ("throughput", "memory_path", "dispatch", "options", "overhead", "scaling", "flops", "quality")
+SECTIONS = ("throughput", "memory_path", "dispatch", "options", "overhead", "scaling", "flops", "speed", "evaluation",
+            "quality", "gpu")
+#: Sections a plain ``python -m pyro_kpp.bench`` runs: all but the GPU's (``--sections gpu --device cuda``).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpu")
 
 
 @dataclass
@@ -237,17 +321,29 @@ def targets(results: dict) -> list[Target]:
     if "flops" in results:
         r = results["flops"]["kpp"]["fraction_of_peak"]
         out.append(Target("matmul_peak", "K++ step >= 35% of the measured matmul peak", r, r >= 0.35))
+    if "speed" in results:
+        r = results["speed"]["kpp"]["compile"]["speedup"]
+        out.append(Target("compile", "K++ training images/s compiled / eager >= 1.5x (CPU defaults)", r, r >= 1.5))
+    if "evaluation" in results:
+        r = min(results["evaluation"]["kpp"][k]["seconds"] for k in ("eager", "compile"))
+        n = results["evaluation"]["kpp"]["eager"]["episodes"]
+        out.append(Target("evaluation", f"K++ evaluation of {n} test episodes, S = "
+                                        f"{results['evaluation']['kpp']['samples']}, <= 180 s", r, r <= 180))
     return out
 
 
 def profiled_steps(target: str, ctx: Context) -> dict[str, Callable[[], None]]:
     """The training steps behind a missed target, warmed up, to run under torch.profiler:
     K++'s step, and beside it the step it is compared with (DKM's, the hand-written loss's)."""
+    if target == "evaluation":
+        return {}                                            # the evaluation's own profile: README
     if target == "memory_area":
         side = ctx.sizes.areas[-1]
         cfgs = {"kpp": ctx.sizes.config("kpp", memory_shape=(3, side, side))}
     elif target == "kpp_vs_dkm":
         cfgs = {m: ctx.sizes.config(m, "paper") for m in ("kpp", "dkm")}
+    elif target == "compile":
+        cfgs = {k: ctx.sizes.config("kpp", **SPEED_VARIANTS[k]) for k in ("eager", "compile")}
     else:
         cfgs = {"kpp": ctx.sizes.config("kpp")}
     steps = {}
@@ -257,5 +353,6 @@ def profiled_steps(target: str, ctx: Context) -> dict[str, Callable[[], None]]:
         if target == "pyro_overhead":
             steps["reference"] = functools.partial(b.step_with, _reference(b))
     for step in steps.values():
-        step()                                               # warm-up outside the profile
+        for _ in range(SPEED_WARMUP):
+            step()                                           # warm-up (and compilation) outside the profile
     return steps

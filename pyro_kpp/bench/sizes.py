@@ -26,6 +26,7 @@ import pyro
 import torch
 from torch import nn
 
+from pyro_kpp import speed
 from pyro_kpp.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.data import ImageData
@@ -134,6 +135,8 @@ class Bench:
         return cls(fresh_model(cfg, data, device, shared_nets), batch(data, cfg, device))
 
     def __post_init__(self):
+        # as pyro_kpp.svi does (pyro_kpp.speed); empty where compilation is unavailable
+        self.compiled = speed.compile_networks(self.model, self.x.device)[0] if self.model.cfg.compile else []
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
         self.elbo = make_elbo(self.model.cfg.elbo)
 
@@ -142,7 +145,8 @@ class Bench:
         return self.x.shape[0] * self.x.shape[1]
 
     def pyro_loss(self) -> torch.Tensor:
-        with pyro.validation_enabled(False):        # as pyro_kpp.svi after a run's first step
+        # as pyro_kpp.svi after a run's first step: no validation, the config's precision
+        with pyro.validation_enabled(False), speed.autocast(self.model.cfg.precision, self.x.device):
             return training_loss(self.model, self.x, self.elbo)
 
     def step_with(self, loss_fn) -> None:

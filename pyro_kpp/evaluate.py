@@ -36,9 +36,10 @@ from .memory_use import diagnose
 from .episodes import make_episodes, test_batches
 
 
-#: Fewest importance samples per image for which the Pareto-k fit is reported (PSIS fits the
-#: tail of the largest weights: about 3 sqrt(S) of them).
-MIN_PSIS_SAMPLES = 20
+#: Fewest importance samples per image for which the Pareto-k fit is reported. PSIS fits the
+#: tail of the largest min(0.2 S, 3 sqrt(S)) weights, and ArviZ returns k = inf, no fit, for a
+#: tail of 4 or fewer: S = 20 gives 4 (every k inf), S = 21 the first fit.
+MIN_PSIS_SAMPLES = 21
 #: Above this Pareto k the importance-weighted estimate for an image is unreliable (Vehtari et
 #: al., "Pareto smoothed importance sampling", 2024: k > 0.7).
 K_UNRELIABLE = 0.7

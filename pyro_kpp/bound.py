@@ -185,7 +185,7 @@ def _particles(model: EpisodicModel, x: torch.Tensor, samples: int, chunk: int =
 
 
 @torch.no_grad()
-def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: int = 16) -> torch.Tensor:
+def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: int = PARTICLE_CHUNK) -> torch.Tensor:
     """ln p(x_t, y, z | M) - ln q(y, z | X) for ``samples`` draws per image: (S, B, T)."""
     return _particles(model, x, samples, chunk)[0]
 

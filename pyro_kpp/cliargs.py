@@ -71,8 +71,8 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, choices: dic
         meta["help"] = f"{meta['help']} (default: {shown})"
         if f.name in (choices or {}):
             meta["choices"] = choices[f.name]
-        if f.type == "bool":
-            meta["action"] = "store_true"
+        if f.type == "bool":                    # --flag / --no-flag: a resume may turn it either way
+            meta["action"] = argparse.BooleanOptionalAction
         else:
             meta["type"] = _TYPES[f.type]
         parser.add_argument(*flags, "--" + f.name.replace("_", "-"), **meta)

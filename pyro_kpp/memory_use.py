@@ -65,7 +65,7 @@ def sample_affinity(model: EpisodicModel, x: torch.Tensor, memory: Memory, n: in
     flat, data = images.flatten(2), x.to(images.dtype).flatten(2)               # (B, n, D), (B, T, D)
     out = {}
     for name, episode in (("own", data), ("other", roll_episodes(data))):
-        d = torch.cdist(flat, episode).pow(2) / flat.shape[-1]                 # (B, n, T)
+        d = (flat[:, :, None] - episode[:, None]).pow(2).mean(-1)              # (B, n, T), exact
         out[name] = d.min(-1).values
     return out
 

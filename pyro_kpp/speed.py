@@ -11,10 +11,14 @@ precision, so a reported bound never depends on them.
   trace and would make TorchDynamo recompile or break its graph at every site. Where
   compilation is unavailable (no C++ compiler for the CPU backend, an unsupported platform) the
   networks stay eager and the message says why.
-* ``autocast`` runs the training loss under ``torch.autocast`` in bfloat16: matrix products and
-  convolutions in bf16, reductions and the log-densities in float32 (PyTorch's autocast lists).
-  On CPUs with AMX or AVX512-BF16 oneDNN runs these at several times the float32 rate; the
-  benchmark's ``speed`` section measures it, and the README gives the bound reached both ways.
+* ``--precision bf16`` runs the *networks* in bfloat16 during the training loss: each network's
+  forward is wrapped once (``autocast_networks``) so that, inside ``autocast(...)``, it runs
+  under ``torch.autocast`` and returns float32. Everything else stays float32: the
+  distributions' log-densities (Pyro's distributions are on no autocast list, so under a global
+  autocast they would follow their bf16 inputs), the KL terms, and KM's and DKM's Bayesian
+  write and its linear algebra (matrix products would otherwise run in bf16). On CPUs with
+  AVX512-BF16 or AMX oneDNN runs the networks' convolutions and products at several times the
+  float32 rate; the benchmark's ``speed`` section measures it.
 """
 from __future__ import annotations
 
@@ -47,11 +51,11 @@ def compile_unavailable(device: torch.device) -> str | None:
     runs (the CPU backend needs a working C++ compiler, the CUDA backend Triton)."""
     try:
         probe = torch.compile(lambda t: torch.nn.functional.elu(t) * 2, dynamic=False, backend=BACKEND)
-        probe(torch.ones(4, device=device))
+        t = torch.ones(4, device=device, requires_grad=True)
+        probe(t).sum().backward()                             # the backward's compiler too
+        torch._dynamo.reset()
     except Exception as exc:                                  # any backend failure means: stay eager
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
-    finally:
-        torch._dynamo.reset()
     return None
 
 
@@ -61,24 +65,78 @@ def compile_networks(model: nn.Module, device: torch.device) -> tuple[list[str],
     reason = compile_unavailable(device)
     if reason is not None:
         return [], reason
+    # A network that still fails to compile later (an operator the backend lacks) runs eager,
+    # with TorchDynamo's warning, instead of stopping the run.
+    torch._dynamo.config.suppress_errors = True
     names = networks(model)
     for name in names:
         model.get_submodule(name).compile(backend=BACKEND)
     return names, None
 
 
+#: The device type whose networks run in bf16 now (inside ``autocast``), or None.
+_BF16_DEVICE: str | None = None
+
+
+@contextlib.contextmanager
 def autocast(precision: str, device: torch.device):
-    """The training loss's context: ``torch.autocast`` in bf16, or nothing for fp32."""
+    """The training loss's context: inside it, networks wrapped by ``autocast_networks`` run in
+    bf16 when ``precision`` is "bf16"; for "fp32" it does nothing."""
+    global _BF16_DEVICE
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    previous = _BF16_DEVICE
+    _BF16_DEVICE = device.type if precision == "bf16" else previous
+    try:
+        yield
+    finally:
+        _BF16_DEVICE = previous
+
+
+def _to_float32(out):
+    if isinstance(out, tuple):
+        return tuple(_to_float32(o) for o in out)
+    return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
+def autocast_networks(model: nn.Module) -> list[str]:
+    """Wrap the forward of each of ``model``'s networks (``networks``) so that inside ``autocast``
+    with bf16 it runs under ``torch.autocast`` and returns float32 tensors; outside, it is the
+    plain forward. An instance attribute: parameters and state-dict keys are unchanged. Returns
+    the names wrapped (each network once, however often it is called)."""
+    names = networks(model)
+    for name in names:
+        net = model.get_submodule(name)
+        if getattr(net.forward, "_bf16_wrapped", False):
+            continue
+        plain = net.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if _BF16_DEVICE is None:
+                return _plain(*args, **kwargs)
+            with torch.autocast(_BF16_DEVICE, dtype=torch.bfloat16):
+                out = _plain(*args, **kwargs)
+            return _to_float32(out)
+        forward._bf16_wrapped = True
+        net.forward = forward
+    return names
 
 
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
-    AMX, as oneDNN reports it); elsewhere bf16 is emulated and slower than float32."""
+    AMX); elsewhere oneDNN emulates bf16, slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def prepare(model: nn.Module, precision: str, compile: bool, device: torch.device) -> tuple[list[str], str | None]:
+    """Apply the speed options to a model about to train (or evaluate): the bf16 wrappers, then
+    compilation. Returns the compiled networks and what to tell the user (None: nothing)."""
+    if precision == "bf16":
+        autocast_networks(model)
+    if not compile:
+        return [], None
+    names, reason = compile_networks(model, device)
+    return names, (f"compiled with torch.compile: {', '.join(names)}" if names else
+                   f"--compile: torch.compile is unavailable here ({reason}); running eager")

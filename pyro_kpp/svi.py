@@ -294,11 +294,9 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     pyro.set_rng_seed(cfg.seed)
     model = build_model(cfg).to(world.device) if resume_state is None else model_from_state(resume_state, world.device)
-    if cfg.compile:
-        compiled, reason = speed.compile_networks(model, world.device)
-        if world.is_main:
-            print(f"compiled with torch.compile: {', '.join(compiled)}" if compiled else
-                  f"--compile: torch.compile is unavailable here ({reason}); training eager", file=sys.stderr)
+    message = speed.prepare(model, cfg.precision, cfg.compile, world.device)[1]   # bf16 in the training loss only
+    if message and world.is_main:
+        print(message, file=sys.stderr)
     loss_fn = world.data_parallel(TrainingLoss(model, make_elbo(cfg.elbo)))   # DDP: rank 0's weights everywhere
     world.seed_sampling(cfg.seed)                           # per-rank noise (a no-op in one process)
     state = TrainState(*build_optimizer(cfg, model, episodes.steps_per_epoch()))   # by cfg.preset

@@ -147,14 +147,17 @@ def test_quick_run_writes_json_plots_and_table(tmp_path, capsys, fast_compile):
     assert all(r["steps"] >= 1 and r["test_bound"] > 0 for r in results["quality"].values())
     assert all(r["curve"][-1]["test_bound"] == r["test_bound"] and r["settings"]["compile"]
                for r in results["quality"].values())
-    for variants in results["speed"].values():
+    for section in results["speed"].values():
+        variants = section["variants"]
         assert set(variants) == {"eager", "compile", "bf16", "compile+bf16"} and variants["eager"]["speedup"] == 1.0
         assert all(v["train_images_per_s"] > 0 and v["speedup"] > 0 for v in variants.values())
     evaluation = results["evaluation"]["kpp"]
     assert evaluation["eager"]["test_images"] == evaluation["compile"]["test_images"] == 2 * 4   # 2 episodes of T=4
     assert {t["name"] for t in report["targets"]} == {"kpp_vs_dkm", "pyro_overhead", "memory_area", "matmul_peak",
                                                       "compile", "evaluation"}
-    for t in report["targets"]:                # each missed target comes with its profile table
+    for t in report["targets"]:                # each missed step target comes with its profile table
+        if t["name"] == "evaluation":          # (the evaluation target times a whole run, not a step)
+            continue
         assert bool(t["profile"]) == (not t["met"])
         for profiled in t["profile"].values():
             assert (out / profiled["table"]).stat().st_size > 0 and profiled["top_ops"]

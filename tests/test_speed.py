@@ -7,6 +7,7 @@ import json
 import pyro
 import pytest
 import torch
+from pyro import poutine
 
 from pyro_kpp import speed, svi
 from pyro_kpp.bound import make_elbo, training_loss
@@ -68,17 +69,40 @@ def test_compiled_networks_give_the_eager_loss_and_gradients(name):
                                    msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("name", ["kpp", "km"])
-def test_bf16_autocast_is_close_to_float32(name):
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_networks_keep_the_loss_and_gradients_close_to_float32(name):
     model, _ = _pair(name)
+    assert speed.autocast_networks(model) == speed.networks(model)
+    assert speed.autocast_networks(model) == speed.networks(model)        # wrapping twice wraps once
     x = _episodes()
     loss32, g32 = _loss_and_grads(model, x)
     loss16, g16 = _loss_and_grads(model, x, "bf16")
-    assert loss16.dtype == torch.float32                          # the log-densities stay float32
+    assert loss16.dtype == torch.float32
+    assert float(loss16) != float(loss32)                        # the networks did run in bf16
     assert abs(float(loss16 - loss32)) < 0.01 * abs(float(loss32))
     flat32 = torch.cat([g.flatten() for g in g32.values()])
     flat16 = torch.cat([g16[n].flatten() for n in g32])
     assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_runs_only_the_networks_in_bf16(name):
+    """Every sample site's value and log-density stay float32 under bf16 (the networks return
+    float32), and outside ``speed.autocast`` the wrapped networks are the float32 ones."""
+    model, plain = _pair(name)
+    speed.autocast_networks(model)
+    x = _episodes()
+    with speed.autocast("bf16", x.device), torch.no_grad():
+        guide = poutine.trace(model.guide).get_trace(x)
+        trace = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x)
+        trace.compute_log_prob()
+    for tr in (guide, trace):
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and site["value"].is_floating_point():     # not the plates' indices
+                assert site["value"].dtype == torch.float32, site["name"]
+                assert "log_prob" not in site or site["log_prob"].dtype == torch.float32, site["name"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), plain.embed(x), rtol=0, atol=0)
 
 
 def test_unavailable_compiler_falls_back_to_eager(monkeypatch):
@@ -92,19 +116,28 @@ def test_unavailable_compiler_falls_back_to_eager(monkeypatch):
                    for n in speed.networks(model))
 
 
-def test_svi_trains_with_bf16_and_reports_float32_bounds(tmp_path, capsys, monkeypatch):
+def test_svi_trains_with_bf16_and_evaluates_in_float32(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(speed, "compile_unavailable", lambda device: "RuntimeError: stub")
+    seen = []
+
+    def evaluate(*args, **kwargs):                 # the per-epoch evaluation: never in bf16
+        seen.append(speed._BF16_DEVICE)
+        return plain_evaluate(*args, **kwargs)
+    plain_evaluate = svi.evaluate
+    monkeypatch.setattr(svi, "evaluate", evaluate)
     run = tmp_path / "run"
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", "--max-steps", "2",
                      "--precision", "bf16", "--compile", *tiny_cli_args()]) == 0
     err = capsys.readouterr().err
-    assert "--compile: torch.compile is unavailable here (RuntimeError: stub); training eager" in err
+    assert "--compile: torch.compile is unavailable here (RuntimeError: stub); running eager" in err
+    assert seen and seen == [None] * len(seen)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["precision"] == "bf16" and cfg["compile"] is True
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert isinstance(record["test_bound"], float)
-    # both may change on resume: they change neither the model nor the data order
-    assert svi.main(["--resume", str(run), "--max-steps", "3", "--precision", "fp32", "--no-progress"]) == 0
+    # both may change on resume (they change neither the model nor the data order), either way
+    assert svi.main(["--resume", str(run), "--max-steps", "3", "--precision", "fp32", "--no-compile",
+                     "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precision"] == "fp32" and cfg["compile"] is False
 
 
 def test_precision_is_checked_and_old_configs_migrate():

@@ -43,12 +43,12 @@ def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
         rows.append(("flops", "K++ step achieved / matmul peak",
                      f"{r['fraction_of_peak']:.1%} ({r['achieved_gflops']:.1f} / {r['matmul_peak_gflops']:.1f} "
                      f"GFLOP/s, {r['threads']} threads)"))
-    for m, variants in results.get("speed", {}).items():
-        for k, r in variants.items():
+    for m, section in results.get("speed", {}).items():
+        for k, r in section["variants"].items():
             if k != "eager":
                 lo, hi = r["speedup_range"]
                 note = ", compile unavailable: eager" if "compile" in k and not r["compiled"] else ""
-                rows.append(("speed", f"cpu {m}: train images/s with {k} / eager (range of rounds)",
+                rows.append(("speed", f"{section['device']} {m}: train images/s with {k} / eager (range of rounds)",
                              f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}; {r['train_images_per_s']:.0f} img/s{note})"))
     if "evaluation" in results:
         r = results["evaluation"]["kpp"]

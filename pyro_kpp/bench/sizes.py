@@ -136,7 +136,8 @@ class Bench:
 
     def __post_init__(self):
         # as pyro_kpp.svi does (pyro_kpp.speed); empty where compilation is unavailable
-        self.compiled = speed.compile_networks(self.model, self.x.device)[0] if self.model.cfg.compile else []
+        cfg = self.model.cfg
+        self.compiled = speed.prepare(self.model, cfg.precision, cfg.compile, self.x.device)[0]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
         self.elbo = make_elbo(self.model.cfg.elbo)
 

@@ -86,3 +86,21 @@ def sample_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16, rows: int = 
     keys = model.prior_keys(memory, n * rows, generator=generator)
     probs = model.likelihood.mean(model.generate(memory, keys, generator=generator))[0]
     return list(probs.split(n))
+
+
+#: The rows of ``reconstructions_*.png`` (``reconstruction_rows``).
+RECONSTRUCTION_LABELS = ["data", "via q(z|X)", "read from memory"]
+
+
+def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
+    """An epoch's grids in ``run_dir/images``: reconstructions of the episodes x, and samples read
+    at prior keys (drawn with ``seed``, so every epoch shows the same keys)."""
+    images = run_dir / "images"
+    images.mkdir(exist_ok=True)
+    was_training = model.training
+    model.eval()
+    save_labelled_rows(reconstruction_rows(model, x), RECONSTRUCTION_LABELS, images / f"reconstructions_{epoch:04d}.png")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    samples = sample_rows(model, x, generator=gen)
+    save_labelled_rows(samples, ["read at y ~ p(y)"] * len(samples), images / f"samples_{epoch:04d}.png")
+    model.train(was_training)

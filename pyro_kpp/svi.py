@@ -52,7 +52,7 @@ from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
 from .optim import build_optimizer
 from .plot import save_curves
-from .plots import reconstruction_rows, sample_rows, save_labelled_rows
+from .plots import write_images
 from .registry import MODELS, build_model
 from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
 from .schedules import key_free_nats, key_kl_weight, kl_weight
@@ -104,22 +104,6 @@ def check_finite_weights(model, step: int, run_dir: Path) -> None:
     bad = nonfinite_entries(model.state_dict())
     if bad:
         raise nonfinite_stop(f"the weights became non-finite by step {step} (e.g. {bad[0]})", run_dir)
-
-
-#: The rows of ``reconstructions_*.png`` (``pyro_kpp.plots.reconstruction_rows``).
-RECONSTRUCTION_LABELS = ["data", "via q(z|X)", "read from memory"]
-
-
-def write_images(model, x: torch.Tensor, run_dir: Path, epoch: int, seed: int) -> None:
-    images = run_dir / "images"
-    images.mkdir(exist_ok=True)
-    was_training = model.training
-    model.eval()
-    save_labelled_rows(reconstruction_rows(model, x), RECONSTRUCTION_LABELS, images / f"reconstructions_{epoch:04d}.png")
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    samples = sample_rows(model, x, generator=gen)
-    save_labelled_rows(samples, ["read at y ~ p(y)"] * len(samples), images / f"samples_{epoch:04d}.png")
-    model.train(was_training)
 
 
 def run_bar(cfg: Config, state: "TrainState", steps_per_epoch: int, enabled: bool) -> tqdm:

@@ -23,6 +23,7 @@ precision, so a reported bound never depends on them.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from pyro.nn import PyroModule
@@ -48,12 +49,17 @@ def networks(model: nn.Module, prefix: str = "") -> list[str]:
 
 def compile_unavailable(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot run on ``device`` here, or None when a small probe compiles and
-    runs (the CPU backend needs a working C++ compiler, the CUDA backend Triton)."""
+    runs (the CPU backend needs a working C++ compiler, the CUDA backend Triton). Probed once per
+    device and backend in a process."""
+    return _probe(str(torch.device(device)), BACKEND)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: str, backend: str) -> str | None:
     try:
-        probe = torch.compile(lambda t: torch.nn.functional.elu(t) * 2, dynamic=False, backend=BACKEND)
+        probe = torch.compile(lambda t: torch.nn.functional.elu(t) * 2, dynamic=False, backend=backend)
         t = torch.ones(4, device=device, requires_grad=True)
         probe(t).sum().backward()                             # the backward's compiler too
-        torch._dynamo.reset()
     except Exception as exc:                                  # any backend failure means: stay eager
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
     return None

@@ -105,7 +105,16 @@ def test_bf16_runs_only_the_networks_in_bf16(name):
         torch.testing.assert_close(model.embed(x), plain.embed(x), rtol=0, atol=0)
 
 
-def test_unavailable_compiler_falls_back_to_eager(monkeypatch):
+@pytest.fixture
+def fresh_probe():
+    """The compile probe's cache emptied before and after: a test that breaks the compiler must not
+    leave its verdict to the others."""
+    speed._probe.cache_clear()
+    yield
+    speed._probe.cache_clear()
+
+
+def test_unavailable_compiler_falls_back_to_eager(monkeypatch, fresh_probe):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found\nsecond line")
     monkeypatch.setattr(torch, "compile", broken)

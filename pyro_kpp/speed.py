@@ -33,6 +33,12 @@ PRECISIONS = ("fp32", "bf16")
 #: torch.compile's backend. Tests of the plumbing around compilation (the benchmark's sections)
 #: set "aot_eager", which traces the same graphs without generating code, to save minutes.
 BACKEND = "inductor"
+#: Compiled graphs allowed per code object of a network (TorchDynamo's default is 8). A network
+#: compiles one graph per grad mode, input rank and, until it marks a size dynamic, input size;
+#: instances of one class (two ``GaussianHead``s) share their ``forward``'s code object. A run
+#: that trains, evaluates with particles and samples reached 6; past the limit a network runs
+#: eager, silently but for one warning.
+RECOMPILE_LIMIT = 32
 
 
 def networks(model: nn.Module, prefix: str = "") -> list[str]:
@@ -76,7 +82,7 @@ def compile_networks(model: nn.Module, device: torch.device) -> tuple[list[str],
     torch._dynamo.config.suppress_errors = True
     names = networks(model)
     for name in names:
-        model.get_submodule(name).compile(backend=BACKEND)
+        model.get_submodule(name).compile(backend=BACKEND, recompile_limit=RECOMPILE_LIMIT)
     return names, None
 
 
@@ -123,6 +129,10 @@ def autocast_networks(model: nn.Module) -> list[str]:
             with torch.autocast(_BF16_DEVICE, dtype=torch.bfloat16):
                 out = _plain(*args, **kwargs)
             return _to_float32(out)
+        # Its own code object: TorchDynamo keeps compiled graphs, and counts them against its
+        # recompile limit (8), per code object; one shared by every network's wrapper overflowed
+        # during a run (grad and no-grad modes times each network's shapes) and left the rest eager.
+        forward.__code__ = forward.__code__.replace()
         forward._bf16_wrapped = True
         net.forward = forward
     return names

@@ -140,7 +140,10 @@ def test_quick_run_writes_json_plots_and_table(tmp_path, capsys, fast_compile):
     for counts in results["dispatch"]["paper"].values():       # steady state: no syncs of ours
         assert counts["operators_loss_and_backward"] > 0
         assert not any(k.startswith("pyro_kpp") for k in counts["host_syncs_train_step"])
-    assert set(results["options"]["kpp"]) == {"channels_last", "flush_denormal"}
+    options = results["options"]["kpp"]
+    assert set(options) == {"channels_last", "flush_denormal", "mkldnn_off", "one_thread", "compile+channels_last"}
+    assert options["compile+channels_last"]["versus"] == "compile" and options["one_thread"]["versus"] == "eager"
+    assert all(o["step_ratio"] > 0 and o["step_ratio_range"][0] <= o["step_ratio_range"][1] for o in options.values())
     assert set(results["scaling"]) == {"memory_area", "slots", "episode_length"}
     assert {p["model"] for p in results["scaling"]["slots"]["points"]} == {"km", "dkm"}
     assert 0 < results["flops"]["kpp"]["fraction_of_peak"]

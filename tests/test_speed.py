@@ -3,6 +3,7 @@ float32 step (to their precision), keep the checkpoint's format, and fall back c
 from __future__ import annotations
 
 import json
+import logging
 
 import pyro
 import pytest
@@ -10,7 +11,7 @@ import torch
 from pyro import poutine
 
 from pyro_kpp import speed, svi
-from pyro_kpp.bound import make_elbo, training_loss
+from pyro_kpp.bound import evaluate, make_elbo, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.registry import build_model
 
@@ -112,6 +113,33 @@ def fresh_probe():
     speed._probe.cache_clear()
     yield
     speed._probe.cache_clear()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_stays_under_the_recompile_limit(monkeypatch, precision):
+    """Training steps, then an evaluation with particles (no grad, other shapes) and one episode
+    alone: no compiled network reaches TorchDynamo's recompile limit, past which it would run eager
+    with only a warning. (The bf16 wrappers once shared one code object, and did reach it.)"""
+    if (reason := speed.compile_unavailable(torch.device("cpu"))) is not None:
+        pytest.skip(f"torch.compile unavailable: {reason}")
+    monkeypatch.setattr(speed, "BACKEND", "aot_eager")        # the same graphs and guards, no code generated
+    torch._dynamo.reset()
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    try:
+        model = build_model(tiny_config())
+        speed.prepare(model, precision, True, torch.device("cpu"))
+        x = _episodes()
+        for _ in range(2):
+            _loss_and_grads(model, x, precision)
+        evaluate(model, [x, x[:1]], samples=3)
+    finally:
+        logger.removeHandler(handler)
+        torch._dynamo.reset()
+    assert not [w for w in warnings if "recompile_limit" in w]
 
 
 def test_unavailable_compiler_falls_back_to_eager(monkeypatch, fresh_probe):

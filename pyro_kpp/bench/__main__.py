@@ -81,6 +81,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     bar = tqdm(todo, desc="bench", unit="measurement", disable=args.no_progress, file=sys.stderr)
     for job in bar:
         bar.set_postfix_str(f"{job.section}: {job.key}")
+        torch._dynamo.reset()     # each job compiles its own models: no graphs (or recompile counts) carried over
         results.setdefault(job.section, {})[job.key] = job.run(ctx)
     verdicts = targets(results)
     for t in verdicts:

@@ -25,7 +25,9 @@ def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
                      f"{r['operators_loss_and_backward']}; {ours} / {syncs.get('pyro', 0)} / "
                      f"{syncs.get('torch.optim', 0)}"))
     for option, r in results.get("options", {}).get("kpp", {}).items():
-        rows.append(("options", f"cpu kpp: train step with {option} / without", f"{r['step_ratio']:.3f}x"))
+        lo, hi = r["step_ratio_range"]
+        rows.append(("options", f"cpu kpp: train step time with {option} / {r['versus']} (range of rounds)",
+                     f"{r['step_ratio']:.3f}x ({lo:.2f}-{hi:.2f})"))
     if "overhead" in results:
         r = results["overhead"]["kpp"]
         lo, hi = r["step_ratio_range"]

@@ -91,7 +91,7 @@ def _dispatch(ctx: Context) -> dict:
     return out
 
 
-# -- CPU options: memory layout and denormals -----------------------------------------------------
+# -- CPU options: memory layout, denormals, oneDNN, threads; channels-last with compiled networks -----
 @contextlib.contextmanager
 def _flush_denormal():
     """Denormal floats flushed to zero inside (where the CPU supports it)."""
@@ -102,18 +102,55 @@ def _flush_denormal():
         torch.set_flush_denormal(False)
 
 
-def _options(ctx: Context) -> dict:
-    cfg = ctx.sizes.config("kpp")
-    base, nhwc = (Bench.build(cfg, ctx.data, ctx.device) for _ in range(2))
-    nhwc.model.to(memory_format=torch.channels_last)
+@contextlib.contextmanager
+def _threads(n: int):
+    """``n`` intra-op threads inside. (Inter-op threads are not an option here: they serve only
+    graph-level parallelism, which an eager step never uses, and PyTorch fixes their number at the
+    first parallel work of a process.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    def flushed():
-        with _flush_denormal():
-            base.train_step()
-    steps = measure.alternate({"base": base.train_step, "channels_last": nhwc.train_step,
-                               "flush_denormal": flushed}, ctx.repeats, ctx.device)
-    return {k: {"step_ratio": statistics.median(_paired(steps, k, "base")), "seconds": v["median"]}
-            for k, v in steps.items() if k != "base"}
+
+def _under(context: Callable[[], contextlib.AbstractContextManager], step: Callable[[], None]):
+    def run():
+        with context():
+            step()
+    return run
+
+
+#: The CPU options of the ``options`` section. Each is timed against the eager float32 step, and
+#: channels-last with compiled networks against compiled networks alone (the issue's "channels-last
+#: together with compile"). A ratio is (step time with the option) / (the other's): below 1 is faster.
+OPTIONS = ("channels_last", "flush_denormal", "mkldnn_off", "one_thread", "compile+channels_last")
+
+
+def _options(ctx: Context) -> dict:
+    cfg, compiled = ctx.sizes.config("kpp"), ctx.sizes.config("kpp", compile=True)
+    base, nhwc = (Bench.build(cfg, ctx.data, ctx.device) for _ in range(2))
+    comp, comp_nhwc = (Bench.build(compiled, ctx.data, ctx.device) for _ in range(2))
+    for b in (nhwc, comp_nhwc):
+        b.model.to(memory_format=torch.channels_last)
+    for b in (comp, comp_nhwc):
+        for _ in range(SPEED_WARMUP):
+            b.train_step()                                   # compilation, untimed
+    steps = measure.alternate({
+        "base": base.train_step, "compile": comp.train_step,
+        "channels_last": nhwc.train_step,
+        "flush_denormal": _under(_flush_denormal, base.train_step),
+        "mkldnn_off": _under(lambda: torch.backends.mkldnn.flags(enabled=False), base.train_step),
+        "one_thread": _under(lambda: _threads(1), base.train_step),
+        "compile+channels_last": comp_nhwc.train_step}, ctx.repeats, ctx.device)
+    out = {}
+    for k in OPTIONS:
+        versus = "compile" if k.startswith("compile") else "base"
+        ratios = _paired(steps, k, versus)
+        out[k] = {"step_ratio": statistics.median(ratios), "step_ratio_range": [ratios[0], ratios[-1]],
+                  "versus": "eager" if versus == "base" else versus, "seconds": steps[k]["median"]}
+    return out
 
 
 # -- Pyro overhead: Trace_ELBO step against the hand-written loss ---------------------------------

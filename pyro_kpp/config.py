@@ -15,7 +15,7 @@ from .likelihoods import LIKELIHOODS
 from .spatial import KEY_MAPS
 from .speed import PRECISIONS
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 #: Explicit upgrades of saved configs: MIGRATIONS[v] maps a version-v dict to a version-(v + 1)
 #: one, e.g. adding a new field with the value that reproduces what older code did. A field a
 #: saved config lacks is otherwise an error, never filled in silently with today's default.
@@ -30,6 +30,9 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
                   "version": 2},
     # 2 -> 3: the speed options; earlier runs trained eager in float32.
     2: lambda d: {"compile": False, "precision": "fp32", **d, "version": 3},
+    # 3 -> 4: channels-last networks; earlier runs kept PyTorch's default layout. (Version 3 runs
+    # stored their precision, so the new default "auto" touches none of them.)
+    3: lambda d: {"channels_last": False, **d, "version": 4},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
@@ -132,8 +135,11 @@ class Config:
                                "falling to 0 over the ramp")
     # Speed (pyro_kpp.speed): neither changes the model or a reported bound (evaluation is float32).
     compile: bool = opt(False, "compile the networks with torch.compile (eager, with a message, where unavailable)")
-    precision: str = opt("fp32", "training precision: fp32, or bf16 = the training loss under bf16 autocast "
-                         "(evaluation stays float32)", choices=PRECISIONS)
+    precision: str = opt("auto", "training precision: bf16 = the networks under bf16 autocast in the training "
+                         "loss; fp32; auto = bf16 where the device computes it natively (AVX512-BF16, AMX, "
+                         "CUDA), else fp32. Evaluation is always float32", choices=PRECISIONS)
+    channels_last: bool = opt(True, "the networks' weights and feature maps in channels-last (NHWC) layout "
+                              "(K++ steps 1.05-1.13x faster on our CPU in float32, 1.08-1.10x in bf16)")
     clip_norm: float = opt(100.0, "global gradient-norm clip, 0 = off")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses or gradients in a row, each skipped")
     # Pyro's validation (shape and argument checks) and our input value checks run on the first
@@ -212,8 +218,9 @@ class Config:
             raise ValueError(f"key_std_floor: expected a non-negative finite number, got {self.key_std_floor!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+        for name in ("compile", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.kpp_posterior not in ("x", "read"):
             raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:

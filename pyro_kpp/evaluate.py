@@ -81,7 +81,7 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     cfg = Config.from_dict(state["config"])
     dev = resolve_device(device)
     model = model_from_state(state, dev).eval()
-    compiled, message = speed.prepare(model, "fp32", compile, dev)
+    compiled, message = speed.prepare(model, "fp32", compile, dev, cfg.channels_last)   # the run's layout
     if compile and not compiled:                          # say why it stays eager
         print(message, file=sys.stderr)
     data = data_lib.load_dataset(cfg.data, data_dir if data_dir is not None else cfg.data_dir)

@@ -16,7 +16,7 @@ from .data import resolve_data_dir
 
 # Options that may change when resuming a run (they do not change the model or data order).
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "validate_every_step", "device",
-             "eval_episodes", "data_dir", "compile", "precision"}
+             "eval_episodes", "data_dir", "compile", "precision", "channels_last"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 

@@ -1,4 +1,5 @@
-"""Speed options of training: compiled networks (``--compile``) and bf16 autocast (``--precision``).
+"""Speed options of training: compiled networks (``--compile``), bf16 autocast (``--precision``) and
+the channels-last layout (``--channels-last``, on by default).
 
 Neither changes the model, its parameters' names or what a checkpoint holds, so both may change
 on resume; every evaluation (``pyro_kpp.bound.evaluate``) runs in float32 whatever the training
@@ -11,7 +12,8 @@ precision, so a reported bound never depends on them.
   trace and would make TorchDynamo recompile or break its graph at every site. Where
   compilation is unavailable (no C++ compiler for the CPU backend, an unsupported platform) the
   networks stay eager and the message says why.
-* ``--precision bf16`` runs the *networks* in bfloat16 during the training loss: each network's
+* ``--precision bf16`` runs the *networks* in bfloat16 during the training loss (``auto``, the
+  default, does so where the device computes bf16 natively, ``resolve_precision``): each network's
   forward is wrapped once (``autocast_networks``) so that, inside ``autocast(...)``, it runs
   under ``torch.autocast`` and returns float32. Everything else stays float32: the
   distributions' log-densities (Pyro's distributions are on no autocast list, so under a global
@@ -19,6 +21,9 @@ precision, so a reported bound never depends on them.
   write and its linear algebra (matrix products would otherwise run in bf16). On CPUs with
   AVX512-BF16 or AMX oneDNN runs the networks' convolutions and products at several times the
   float32 rate; the benchmark's ``speed`` section measures it.
+* ``--channels-last`` (on by default) moves the networks' 4-d weights to the NHWC layout, in
+  which oneDNN's convolutions run faster on x86 CPUs; the feature maps follow the weights. The
+  benchmark's ``options`` section measures it, alone and on top of bf16 or compilation.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16")
+#: Training precisions: "auto" (the default) is bf16 where the device computes it natively
+#: (``bf16_native``) and float32 elsewhere; "fp32" and "bf16" force one.
+PRECISIONS = ("auto", "fp32", "bf16")
 #: torch.compile's backend. Tests of the plumbing around compilation (the benchmark's sections)
 #: set "aot_eager", which traces the same graphs without generating code, to save minutes.
 BACKEND = "inductor"
@@ -93,12 +100,11 @@ _BF16_DEVICE: str | None = None
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device):
     """The training loss's context: inside it, networks wrapped by ``autocast_networks`` run in
-    bf16 when ``precision`` is "bf16"; for "fp32" it does nothing."""
+    bf16 when ``precision`` resolves to "bf16" on ``device`` (``resolve_precision``); for "fp32"
+    it does nothing."""
     global _BF16_DEVICE
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     previous = _BF16_DEVICE
-    _BF16_DEVICE = device.type if precision == "bf16" else previous
+    _BF16_DEVICE = device.type if resolve_precision(precision, device) == "bf16" else previous
     try:
         yield
     finally:
@@ -141,18 +147,48 @@ def autocast_networks(model: nn.Module) -> list[str]:
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
     AMX); elsewhere oneDNN emulates bf16, slower than float32."""
-    if device.type == "cuda":
+    return _bf16_native(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_native(device: str) -> bool:
+    if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def prepare(model: nn.Module, precision: str, compile: bool, device: torch.device) -> tuple[list[str], str | None]:
-    """Apply the speed options to a model about to train (or evaluate): the bf16 wrappers, then
-    compilation. Returns the compiled networks and what to tell the user (None: nothing)."""
-    if precision == "bf16":
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a training loss runs in on ``device``: "auto" is "bf16" where it is native
+    (``bf16_native``: 1.35-1.42x a K++ step on this package's AMX CPU, bounds at equal steps as in
+    float32; README "Speed"), else "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
+def prepare(model: nn.Module, precision: str, compile: bool, device: torch.device,
+            channels_last: bool = False) -> tuple[list[str], str | None]:
+    """Apply the speed options to a model about to train (or evaluate): the channels-last layout,
+    the bf16 wrappers, then compilation. Returns the compiled networks and what to tell the user
+    (None: nothing)."""
+    if channels_last:
+        # 4-d weights (the convolutions') in NHWC: a convolution with a channels-last weight
+        # computes and returns channels-last maps, so the layout carries through each network.
+        model.to(memory_format=torch.channels_last)
+    notes = []
+    if resolve_precision(precision, device) == "bf16":
         autocast_networks(model)
-    if not compile:
-        return [], None
-    names, reason = compile_networks(model, device)
-    return names, (f"compiled with torch.compile: {', '.join(names)}" if names else
-                   f"--compile: torch.compile is unavailable here ({reason}); running eager")
+        if precision == "auto":
+            notes.append(f"precision auto: the networks train in bf16 ({device.type} computes it natively; "
+                         f"--precision fp32 for float32); evaluation is float32")
+        elif not bf16_native(device):
+            notes.append(f"--precision bf16: this {device.type} has no native bf16 (AVX512-BF16, AMX), so it is "
+                         f"emulated and slower than float32")
+    names = []
+    if compile:
+        names, reason = compile_networks(model, device)
+        notes.append(f"compiled with torch.compile: {', '.join(names)}" if names else
+                     f"--compile: torch.compile is unavailable here ({reason}); running eager")
+    return names, "\n".join(notes) or None

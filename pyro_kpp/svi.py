@@ -278,7 +278,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
 
     pyro.set_rng_seed(cfg.seed)
     model = build_model(cfg).to(world.device) if resume_state is None else model_from_state(resume_state, world.device)
-    message = speed.prepare(model, cfg.precision, cfg.compile, world.device)[1]   # bf16 in the training loss only
+    message = speed.prepare(model, cfg.precision, cfg.compile, world.device, cfg.channels_last)[1]   # bf16: training loss only
     if message and world.is_main:
         print(message, file=sys.stderr)
     loss_fn = world.data_parallel(TrainingLoss(model, make_elbo(cfg.elbo)))   # DDP: rank 0's weights everywhere

@@ -141,21 +141,22 @@ def test_quick_run_writes_json_plots_and_table(tmp_path, capsys, fast_compile):
         assert counts["operators_loss_and_backward"] > 0
         assert not any(k.startswith("pyro_kpp") for k in counts["host_syncs_train_step"])
     options = results["options"]["kpp"]
-    assert set(options) == {"channels_last", "flush_denormal", "mkldnn_off", "one_thread", "compile+channels_last"}
+    assert set(options) == {"channels_last", "flush_denormal", "mkldnn_off", "one_thread", "compile+channels_last",
+                            "bf16+channels_last"}
     assert options["compile+channels_last"]["versus"] == "compile" and options["one_thread"]["versus"] == "eager"
     assert all(o["step_ratio"] > 0 and o["step_ratio_range"][0] <= o["step_ratio_range"][1] for o in options.values())
     assert set(results["scaling"]) == {"memory_area", "slots", "episode_length"}
     assert {p["model"] for p in results["scaling"]["slots"]["points"]} == {"km", "dkm"}
     assert 0 < results["flops"]["kpp"]["fraction_of_peak"]
     assert all(r["steps"] >= 1 and r["test_bound"] > 0 for r in results["quality"].values())
-    assert all(r["curve"][-1]["test_bound"] == r["test_bound"] and r["settings"]["compile"]
-               for r in results["quality"].values())
+    assert all(r["curve"][-1]["test_bound"] == r["test_bound"] for r in results["quality"].values())
+    assert all(r["settings"] == {"precision": "auto", "channels_last": True} for r in results["quality"].values())
     for section in results["speed"].values():
         variants = section["variants"]
-        assert set(variants) == {"eager", "compile", "bf16", "compile+bf16"} and variants["eager"]["speedup"] == 1.0
+        assert set(variants) == {"eager", "compile", "bf16", "compile+bf16", "defaults"} and variants["eager"]["speedup"] == 1.0
         assert all(v["train_images_per_s"] > 0 and v["speedup"] > 0 for v in variants.values())
     evaluation = results["evaluation"]["kpp"]
-    assert evaluation["eager"]["test_images"] == evaluation["compile"]["test_images"] == 2 * 4   # 2 episodes of T=4
+    assert {evaluation[k]["test_images"] for k in ("eager", "channels_last", "channels_last+compile")} == {2 * 4}
     assert {t["name"] for t in report["targets"]} == {"kpp_vs_dkm", "pyro_overhead", "memory_area", "matmul_peak",
                                                       "compile", "evaluation"}
     for t in report["targets"]:                # each missed step target comes with its profile table

@@ -177,11 +177,58 @@ def test_svi_trains_with_bf16_and_evaluates_in_float32(tmp_path, capsys, monkeyp
     assert cfg["precision"] == "fp32" and cfg["compile"] is False
 
 
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    cpu = torch.device("cpu")
+    assert Config().precision == "auto"
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(speed, "bf16_native", lambda device, native=native: native)
+        assert speed.resolve_precision("auto", cpu) == expected
+        assert speed.resolve_precision("fp32", cpu) == "fp32" and speed.resolve_precision("bf16", cpu) == "bf16"
+        model = build_model(tiny_config())
+        _, message = speed.prepare(model, "auto", False, cpu)
+        wrapped = getattr(model.decoder.forward, "_bf16_wrapped", False)
+        with speed.autocast("auto", cpu):
+            assert (speed._BF16_DEVICE == "cpu") is native
+        assert wrapped is native and (message is not None and "precision auto" in message) is native
+    _, message = speed.prepare(build_model(tiny_config()), "bf16", False, cpu)
+    assert message is None                                     # native here (patched): nothing to warn of
+    monkeypatch.setattr(speed, "bf16_native", lambda device: False)
+    _, message = speed.prepare(build_model(tiny_config()), "bf16", False, cpu)
+    assert "emulated and slower than float32" in message
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        speed.resolve_precision("fp16", cpu)
+
+
 def test_precision_is_checked_and_old_configs_migrate():
     with pytest.raises(ValueError, match="precision: expected one of"):
         tiny_config(precision="fp16")
+    with pytest.raises(ValueError, match="channels_last: expected True or False"):
+        tiny_config(channels_last="yes")
     old = Config().to_dict()
     old.update(version=2)
-    del old["compile"], old["precision"]
+    del old["compile"], old["precision"], old["channels_last"]
+    cfg = Config.from_dict(old)                       # runs before the speed options: eager, float32, NCHW
+    assert cfg.compile is False and cfg.precision == "fp32" and cfg.channels_last is False
+    old = {**Config().to_dict(), "version": 3, "precision": "bf16"}
+    del old["channels_last"]
     cfg = Config.from_dict(old)
-    assert cfg.compile is False and cfg.precision == "fp32"
+    assert cfg.channels_last is False and cfg.precision == "bf16"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_channels_last_keeps_the_loss_gradients_and_checkpoint(name):
+    plain, nhwc = _pair(name)
+    speed.prepare(nhwc, "fp32", False, torch.device("cpu"), channels_last=True)
+    convs = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)           # (one input channel: both layouts at once)
+    x = _episodes()
+    loss, grads = _loss_and_grads(plain, x)
+    loss_nhwc, grads_nhwc = _loss_and_grads(nhwc, x)
+    torch.testing.assert_close(loss_nhwc, loss, rtol=1e-5, atol=1e-4)
+    assert grads_nhwc.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_nhwc[n], grads[n], rtol=1e-3, atol=1e-4, msg=n)
+    fresh = build_model(tiny_config(model=name))             # a checkpoint of either layout loads into the other
+    fresh.load_state_dict(nhwc.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), plain.state_dict().values()))

@@ -54,7 +54,7 @@ def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:
                              f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}; {r['train_images_per_s']:.0f} img/s{note})"))
     if "evaluation" in results:
         r = results["evaluation"]["kpp"]
-        for k in ("eager", "compile"):
+        for k in (k for k in r if isinstance(r[k], dict)):
             rows.append(("evaluation", f"kpp, {k}: {r[k]['episodes']} test episodes ({r[k]['test_images']} images), "
                                        f"S = {r['samples']}", f"{r[k]['seconds']:.1f} s"))
     for preset, r in results.get("gpu", {}).get("kpp-dkm", {}).items():

@@ -17,7 +17,6 @@ from typing import Callable
 import pyro
 import torch
 
-from pyro_kpp import speed
 from pyro_kpp.bound import evaluate
 from pyro_kpp.episodes import make_episodes, test_batches
 from pyro_kpp.svi import train
@@ -39,7 +38,7 @@ class Context:
     eval_episodes: int
     eval_samples: int = 100           # importance samples of the evaluation section
     eval_test_episodes: int | None = None   # its test episodes (None: all)
-    quality_settings: str = "fastest"  # "fastest" (quality_settings()) or "eager" (float32, not compiled)
+    quality_settings: str = "defaults"  # a key of SPEED_VARIANTS: "defaults" or "eager" (plain float32)
 
 
 @dataclass
@@ -122,34 +121,34 @@ def _under(context: Callable[[], contextlib.AbstractContextManager], step: Calla
     return run
 
 
-#: The CPU options of the ``options`` section. Each is timed against the eager float32 step, and
-#: channels-last with compiled networks against compiled networks alone (the issue's "channels-last
-#: together with compile"). A ratio is (step time with the option) / (the other's): below 1 is faster.
-OPTIONS = ("channels_last", "flush_denormal", "mkldnn_off", "one_thread", "compile+channels_last")
+#: The CPU options of the ``options`` section, each with the step it is timed against: the eager
+#: float32 step, or for channels-last on top of compiled or bf16 networks, those alone (the issue's
+#: "channels-last together with compile"). A ratio is (step time with the option) / (the other's):
+#: below 1 is faster.
+OPTIONS = {"channels_last": "eager", "flush_denormal": "eager", "mkldnn_off": "eager", "one_thread": "eager",
+           "compile+channels_last": "compile", "bf16+channels_last": "bf16"}
 
 
 def _options(ctx: Context) -> dict:
-    cfg, compiled = ctx.sizes.config("kpp"), ctx.sizes.config("kpp", compile=True)
-    base, nhwc = (Bench.build(cfg, ctx.data, ctx.device) for _ in range(2))
-    comp, comp_nhwc = (Bench.build(compiled, ctx.data, ctx.device) for _ in range(2))
-    for b in (nhwc, comp_nhwc):
-        b.model.to(memory_format=torch.channels_last)
-    for b in (comp, comp_nhwc):
+    benches = {}
+    for name in ("eager", "channels_last", "compile", "compile+channels_last", "bf16", "bf16+channels_last"):
+        variant = name.removesuffix("channels_last").rstrip("+") or "eager"
+        cfg = ctx.sizes.config("kpp", **SPEED_VARIANTS[variant], channels_last=name.endswith("channels_last"))
+        b = Bench.build(cfg, ctx.data, ctx.device)
         for _ in range(SPEED_WARMUP):
             b.train_step()                                   # compilation, untimed
+        benches[name] = b
+    eager = benches["eager"].train_step
     steps = measure.alternate({
-        "base": base.train_step, "compile": comp.train_step,
-        "channels_last": nhwc.train_step,
-        "flush_denormal": _under(_flush_denormal, base.train_step),
-        "mkldnn_off": _under(lambda: torch.backends.mkldnn.flags(enabled=False), base.train_step),
-        "one_thread": _under(lambda: _threads(1), base.train_step),
-        "compile+channels_last": comp_nhwc.train_step}, ctx.repeats, ctx.device)
+        **{name: b.train_step for name, b in benches.items()},
+        "flush_denormal": _under(_flush_denormal, eager),
+        "mkldnn_off": _under(lambda: torch.backends.mkldnn.flags(enabled=False), eager),
+        "one_thread": _under(lambda: _threads(1), eager)}, ctx.repeats, ctx.device)
     out = {}
-    for k in OPTIONS:
-        versus = "compile" if k.startswith("compile") else "base"
+    for k, versus in OPTIONS.items():
         ratios = _paired(steps, k, versus)
         out[k] = {"step_ratio": statistics.median(ratios), "step_ratio_range": [ratios[0], ratios[-1]],
-                  "versus": "eager" if versus == "base" else versus, "seconds": steps[k]["median"]}
+                  "versus": versus, "seconds": steps[k]["median"]}
     return out
 
 
@@ -227,8 +226,10 @@ def _flops(ctx: Context) -> dict:
 
 # -- speed options: compiled networks and bf16 autocast against the eager float32 step ------------
 #: The variants of the speed section, as Config overrides (pyro_kpp.speed).
+#: "defaults" is what ``pyro_kpp.svi`` runs with no speed option given (bf16 only where native).
 SPEED_VARIANTS = {"eager": {}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
-                  "compile+bf16": {"compile": True, "precision": "bf16"}}
+                  "compile+bf16": {"compile": True, "precision": "bf16"},
+                  "defaults": {"precision": "auto", "channels_last": True}}
 #: Untimed steps first: compilation, and the recompilation for the optimizer's first update.
 SPEED_WARMUP = 3
 
@@ -272,12 +273,18 @@ def _gpu(ctx: Context) -> dict:
 
 
 # -- evaluation: the test split's bounds with S importance samples ----------------------------------
+EVALUATION_VARIANTS = {"eager": {}, "channels_last": {"channels_last": True},
+                       "channels_last+compile": {"channels_last": True, "compile": True}}
+
+
 def _evaluation(ctx: Context) -> dict:
     """Wall time of ``pyro_kpp.bound.evaluate`` (what ``python -m pyro_kpp.evaluate`` runs) over the
-    test episodes with S samples, for an untrained K++ at the CPU defaults, eager and compiled."""
+    test episodes with S samples, for an untrained K++ at the CPU defaults: in the plain layout, in
+    the default channels-last layout (as ``pyro_kpp.evaluate`` runs a default run), and so with
+    ``--compile``. Evaluation is float32 whatever the training precision."""
     out = {"samples": ctx.eval_samples, "device": str(ctx.device)}
-    for k in ("eager", "compile"):
-        b = Bench.build(ctx.sizes.config("kpp", **SPEED_VARIANTS[k]), ctx.data, ctx.device)
+    for k, layout in EVALUATION_VARIANTS.items():
+        b = Bench.build(ctx.sizes.config("kpp", **layout), ctx.data, ctx.device)
         b.model.eval()
         episodes = make_episodes(b.model.cfg, ctx.data, ctx.device)
         n = min(ctx.eval_test_episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
@@ -292,16 +299,13 @@ def _evaluation(ctx: Context) -> dict:
 
 
 # -- quality: the bound after a fixed training-time budget ------------------------------------------
-def quality_settings(device: torch.device) -> dict:
-    """The fastest settings (the speed section's): compiled networks, and bf16 where it is native."""
-    return {"compile": True, "precision": "bf16" if speed.bf16_native(device) else "fp32"}
-
-
 def _quality(model: str):
-    """The bound after ``ctx.budget`` seconds of ``pyro_kpp.svi`` training; with the fastest settings
-    the budget includes the compilation on the first steps, as it does for a user's run."""
+    """The bound after ``ctx.budget`` seconds of ``pyro_kpp.svi`` training, with the package's
+    defaults (bf16 where native and channels-last: the fastest settings the ``speed`` and
+    ``options`` sections measured on our CPU) or, for ``--quality-settings eager``, the plain
+    float32 step."""
     def run(ctx: Context) -> dict:
-        settings = quality_settings(ctx.device) if ctx.quality_settings == "fastest" else {}
+        settings = SPEED_VARIANTS[ctx.quality_settings]
         cfg = ctx.sizes.config(model, max_minutes=ctx.budget / 60, eval_episodes=ctx.eval_episodes,
                                device=str(ctx.device), **settings)
         with tempfile.TemporaryDirectory() as run_dir:
@@ -366,7 +370,7 @@ def targets(results: dict) -> list[Target]:
         r = results["speed"]["kpp"]["variants"]["compile"]["speedup"]
         out.append(Target("compile", "K++ training images/s compiled / eager >= 1.5x (CPU defaults)", r, r >= 1.5))
     if "evaluation" in results:
-        r = min(results["evaluation"]["kpp"][k]["seconds"] for k in ("eager", "compile"))
+        r = min(results["evaluation"]["kpp"][k]["seconds"] for k in EVALUATION_VARIANTS)
         n = results["evaluation"]["kpp"]["eager"]["episodes"]
         out.append(Target("evaluation", f"K++ evaluation of {n} test episodes, S = "
                                         f"{results['evaluation']['kpp']['samples']}, <= 180 s", r, r <= 180))

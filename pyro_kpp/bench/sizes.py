@@ -35,6 +35,8 @@ from pyro_kpp.episodic import EpisodicModel
 from pyro_kpp.registry import MODELS, build_model
 
 MODEL_NAMES = tuple(MODELS)                         # kpp, km, dkm, vae
+#: The speed options off (pyro_kpp.speed): what the benchmark's figures are relative to.
+PLAIN = dict(precision="fp32", channels_last=False, compile=False)
 PRESETS = {
     "paper": dict(writer_channels=256, hidden=512),
     "recipe": dict(preset="paper"),                 # sizes by config.PRESET_DEFAULTS["paper"]
@@ -53,8 +55,11 @@ class Sizes:
     quick: bool
 
     def config(self, model: str, preset: str = "cpu", **overrides) -> Config:
+        """``model``'s config at ``preset``: float32 in PyTorch's default layout unless ``overrides``
+        say otherwise (the plain step every section's ratios are taken against; the ``speed``,
+        ``options``, ``quality`` and ``gpu`` sections time the speed options on top of it)."""
         base = {**TINY, **TINY_PRESETS[preset]} if self.quick else dict(PRESETS[preset])
-        return Config(model=model, data="omniglot", **{**base, **overrides})
+        return Config(model=model, data="omniglot", **{**PLAIN, **base, **overrides})
 
     @property
     def areas(self) -> list[int]:
@@ -137,7 +142,7 @@ class Bench:
     def __post_init__(self):
         # as pyro_kpp.svi does (pyro_kpp.speed); empty where compilation is unavailable
         cfg = self.model.cfg
-        self.compiled = speed.prepare(self.model, cfg.precision, cfg.compile, self.x.device)[0]
+        self.compiled = speed.prepare(self.model, cfg.precision, cfg.compile, self.x.device, cfg.channels_last)[0]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
         self.elbo = make_elbo(self.model.cfg.elbo)
 

@@ -1,8 +1,8 @@
 """Speed options of training: compiled networks (``--compile``), bf16 autocast (``--precision``) and
 the channels-last layout (``--channels-last``, on by default).
 
-Neither changes the model, its parameters' names or what a checkpoint holds, so both may change
-on resume; every evaluation (``pyro_kpp.bound.evaluate``) runs in float32 whatever the training
+None changes the model, its parameters' names or what a checkpoint holds, so all may change on
+resume; every evaluation (``pyro_kpp.bound.evaluate``) runs in float32 whatever the training
 precision, so a reported bound never depends on them.
 
 * ``compile_networks`` compiles each network of a model with ``torch.compile`` in place
@@ -152,8 +152,8 @@ def bf16_native(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_native(device: str) -> bool:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if torch.device(device).type == "cuda":       # Ampere and later; older GPUs emulate bf16
+        return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

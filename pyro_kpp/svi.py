@@ -8,8 +8,9 @@ The loss is Pyro's ``Trace_ELBO`` (or ``TraceMeanField_ELBO``) used as a differe
 with a plain torch optimizer over the model's parameters (``pyro_kpp.optim.build_optimizer``: a foreach Adam, or LARS(Adam) with a
 one-cycle schedule for ``--preset paper``): one optimizer for the whole model and global
 gradient-norm clipping, which Pyro's per-tensor ``PyroOptim``/``ClippedAdam`` do not give.
-A KL warm-up (``--kl-warmup``) weights the KL terms of the training loss only. ``--compile`` and
-``--precision bf16`` (``pyro_kpp.speed``) speed up the training step; every evaluation runs in float32.
+A KL warm-up (``--kl-warmup``) weights the KL terms of the training loss only. The speed options
+(``pyro_kpp.speed``): bf16 networks where native (``--precision auto``) and channels-last are the
+defaults, ``--compile`` is off; every evaluation runs in float32.
 
 Each epoch: train on every training image once (random episodes; binarized data get a fresh
 binarization, 8-bit data for ``--likelihood dmol`` are used as they are), evaluate the negative

@@ -177,6 +177,18 @@ def test_svi_trains_with_bf16_and_evaluates_in_float32(tmp_path, capsys, monkeyp
     assert cfg["precision"] == "fp32" and cfg["compile"] is False
 
 
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_native_on_cuda_from_ampere_on(monkeypatch, capability, native):
+    """torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (a T4, a V100): "auto"
+    must not train slower than float32 there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    speed._bf16_native.cache_clear()
+    try:
+        assert speed.bf16_native(torch.device("cuda:0")) is native
+    finally:
+        speed._bf16_native.cache_clear()
+
+
 def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     cpu = torch.device("cpu")
     assert Config().precision == "auto"

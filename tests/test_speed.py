@@ -34,6 +34,17 @@ def _loss_and_grads(model, x, precision="fp32"):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_step(model, reference, x, loss_tol, grad_rtol, grad_atol):
+    """``model``'s training loss and gradients at fixed draws equal ``reference``'s: the loss to
+    ``loss_tol`` = (rtol, atol), each gradient to ``grad_rtol`` and ``grad_atol(reference's gradient)``."""
+    loss_ref, grads_ref = _loss_and_grads(reference, x)
+    loss, grads = _loss_and_grads(model, x)
+    torch.testing.assert_close(loss, loss_ref, rtol=loss_tol[0], atol=loss_tol[1])
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads_ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=grad_rtol, atol=grad_atol(g), msg=lambda m: f"{n}: {m}")
+
+
 def _pair(name):
     """Two copies of one tiny model, with the same weights."""
     torch.manual_seed(0)
@@ -60,14 +71,7 @@ def test_compiled_networks_give_the_eager_loss_and_gradients(name):
     names, reason = speed.compile_networks(compiled, torch.device("cpu"))
     assert names and reason is None
     assert compiled.state_dict().keys() == eager.state_dict().keys()      # checkpoints unchanged
-    x = _episodes()
-    loss_e, grads_e = _loss_and_grads(eager, x)
-    loss_c, grads_c = _loss_and_grads(compiled, x)
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-3)
-    assert grads_c.keys() == grads_e.keys()
-    for n in grads_e:
-        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-3 * (1 + grads_e[n].abs().max()),
-                                   msg=lambda m: f"{n}: {m}")
+    _assert_same_step(compiled, eager, _episodes(), (1e-4, 1e-3), 1e-3, lambda g: 1e-3 * (1 + g.abs().max()))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -234,13 +238,7 @@ def test_channels_last_keeps_the_loss_gradients_and_checkpoint(name):
     convs = [p for p in nhwc.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert any(not p.is_contiguous() for p in convs)           # (one input channel: both layouts at once)
-    x = _episodes()
-    loss, grads = _loss_and_grads(plain, x)
-    loss_nhwc, grads_nhwc = _loss_and_grads(nhwc, x)
-    torch.testing.assert_close(loss_nhwc, loss, rtol=1e-5, atol=1e-4)
-    assert grads_nhwc.keys() == grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads_nhwc[n], grads[n], rtol=1e-3, atol=1e-4, msg=n)
+    _assert_same_step(nhwc, plain, _episodes(), (1e-5, 1e-4), 1e-3, lambda g: 1e-4)
     fresh = build_model(tiny_config(model=name))             # a checkpoint of either layout loads into the other
     fresh.load_state_dict(nhwc.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), plain.state_dict().values()))

@@ -21,8 +21,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_kpp.matrix_normal import MatrixNormal, read, ridge_weights
-from pyro_kpp.nets import positive_scale
+from pyro_kpp.maths.matrix_normal import MatrixNormal, read, ridge_weights
+from pyro_kpp.nets.conv import positive_scale
 
 
 class DkmGuide(PyroModule):

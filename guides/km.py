@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from pyro_kpp.nets import GaussianHead
+from pyro_kpp.nets.conv import GaussianHead
 
 ADDRESS_INPUT_NOISE = 0.2  # Appendix C: std of the Gaussian noise on the input of q(y|x), training only
 

@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from pyro_kpp.nets import GaussianHead
+from pyro_kpp.nets.conv import GaussianHead
 
 
 class VaeGuide(PyroModule):

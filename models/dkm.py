@@ -22,7 +22,7 @@ Pyro's ELBO of this pair is DKM's bound on ln p(X):
 with the memory KL in closed form under ``TraceMeanField_ELBO`` (``kl_matrix_normal``, factor
 1/2, full U) and as ln p(M) - ln q(M) at the sampled M under ``Trace_ELBO``. The memory site
 is inside the "episodes" plate and outside "images", so the KL is counted once per episode;
-the per-image figure divides the episode's bound by T once (``pyro_kpp.bound``), never the KL
+the per-image figure divides the episode's bound by T once (``pyro_kpp.inference.bound``), never the KL
 by T and then again by averaging over T (a pitfall of a public port).
 
 Choices (also in the README):
@@ -42,7 +42,7 @@ Choices (also in the README):
 API: the memory value is (R, U); the keys are the addresses w (B, N, K). ``generate`` reads
 p(z | w, R, U) with the memory integrated out, N(w^T R, (w^T U w + sigma_xi^2) I) (KM eq. 19).
 ``infer_keys(x, memory)`` solves the addresses against a given memory, so the generic iterative
-read (``pyro_kpp.generation.iterative_read``) is DKM's attractor dynamics: each step solves the
+read (``pyro_kpp.reading.iterative.iterative_read``) is DKM's attractor dynamics: each step solves the
 addresses of the current query against the *fixed* memory, reads, decodes and feeds a sample back.
 """
 from __future__ import annotations
@@ -52,11 +52,11 @@ import pyro.distributions as dist
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.dkm import DkmGuide
-from pyro_kpp.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
+from pyro_kpp.maths.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
 from pyro_kpp.models.km import MemoryPrior, raw_scale
-from pyro_kpp.nets import dense_spectral_norm
+from pyro_kpp.nets.build import dense_spectral_norm
 
 NOISE_VAR = 1.0                    # sigma_xi^2
 W_PRIOR_SCALE = 1.0                # sigma_w0
@@ -94,12 +94,12 @@ class DynamicKanervaMachine(EpisodicModel):
         return R, U
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """codes (B, T, L) and q(M | X)'s (R, U) for x, once per x inside ``reuse_embedding()``."""
+        """codes (B, T, L) and q(M | X)'s (R, U) for x, once per x inside ``reuse_embedding``."""
         def compute():
             codes = self.q.codes(self.embed(x))
             return (codes, *self.write_memory(codes))
-        codes, R, U = self.cached(x, "memory", compute)
-        return (codes, *self.foreign((R, U)))
+        codes, R, U = episode_cached(self, x, "memory", compute)
+        return (codes, *episode_memory((R, U)))
 
     def key_shape(self) -> tuple[int, ...]:
         return (self.cfg.slots,)

@@ -11,7 +11,7 @@ Generative program for B episodes of T images, x: (B, T, C, H, W); the memory M 
 
 Writing (§3.3, eq. 8-11): q(M | X) is the exact posterior p(M | Y, Z) of the linear Gaussian
 model for one sample Y ~ q(y|x), Z ~ q(z|x) of the episode, computed from the prior by the
-batch Bayesian update (``pyro_kpp.matrix_normal.bayes_write``; it equals T on-line updates,
+batch Bayesian update (``pyro_kpp.maths.matrix_normal.bayes_write``; it equals T on-line updates,
 which the paper uses, and costs one T x T Cholesky factorisation instead of T steps).
 
 Reading and the bound (§3.2, §3.4 eq. 12): with the guide q(y_t | x_t) q(z_t | x_t, y_t, M)
@@ -22,10 +22,10 @@ term of its own. In the programs the written memory is the pair of episode-level
 "memory" (R) and "memory_row_cov" (U), each a ``WrittenMemory``: a point mass at the write with
 density 1, so they add nothing to the bound. The guide writes and samples them; the model
 states the same sites, so Pyro's replay hands the model the guide's write (with no context;
-run on its own, the model writes itself). Inside ``reuse_embedding()`` (every ELBO and bound
+run on its own, the model writes itself). Inside ``reuse_embedding`` (``pyro_kpp.inference.handlers``; every ELBO and bound
 evaluation of the package) the write is also computed once per episode batch and cached, which
 makes all importance particles of an evaluation read one written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
-is the episode's bound divided by T, once, in ``pyro_kpp.bound``.
+is the episode's bound divided by T, once, in ``pyro_kpp.inference.bound``.
 
 Memory access, ``km_read_write`` (§3.4, Appendix F):
 
@@ -56,10 +56,11 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, check_keys, pyro_program
+from pyro_kpp.models.base import EpisodicModel, Memory, check_keys, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.km import KmGuide
-from pyro_kpp.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
-from pyro_kpp.nets import SCALE_FLOOR, DenseNet, dense_spectral_norm, positive_scale
+from pyro_kpp.maths.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
+from pyro_kpp.nets.build import dense_spectral_norm
+from pyro_kpp.nets.conv import SCALE_FLOOR, DenseNet, positive_scale
 from torch.distributions import constraints
 
 NOISE_VAR = 1.0  # sigma^2 of p(z | y, M), fixed to 1 (KM eq. 6)
@@ -166,8 +167,8 @@ class KanervaMachine(EpisodicModel):
         return bayes_write(self.prior.loc, self.prior.row_covariance(), W, Z, noise)
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The memory written from x, shared by guide and model inside ``reuse_embedding()``."""
-        return self.foreign(self.cached(x, "memory", lambda: self.write_memory(self.embed(x))))
+        """The memory written from x, shared by guide and model inside ``reuse_embedding``."""
+        return episode_memory(episode_cached(self, x, "memory", lambda: self.write_memory(self.embed(x))))
 
     def readout(self, R: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""

@@ -13,7 +13,7 @@ Generative program for B episodes of T images, x: (B, T, C, H, W):
 With the guide q(y|X) q(z|X) (``pyro_kpp.guides.kpp``), Pyro's ELBO of this program is
 eq. 4 summed over the episode:  sum_t E[ln p(x_t|z_t)] - E_q(y)[KL(q(z_t|X) || p(z_t|M,y_t))]
 - KL(q(y_t|X) || p(y_t)). Nothing is divided by T inside the model; the per-image figure is
-the episode's bound divided by T, taken once, in ``pyro_kpp.bound``.
+the episode's bound divided by T, taken once, in ``pyro_kpp.inference.bound``.
 
 The write, ``Config.kpp_write`` (a choice beyond the paper where it is silent; README "Memory use",
 where every part of the default is measured against the literal write):
@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.kpp import KppGuide
-from pyro_kpp.nets import ConvGaussianHead, DenseNet, MemoryWriter, dense_spectral_norm, over_leading
-from pyro_kpp.spatial import KEY_DIM, SpatialTransformerRead
+from pyro_kpp.nets.build import dense_spectral_norm
+from pyro_kpp.nets.conv import ConvGaussianHead, DenseNet, MemoryWriter, over_leading
+from pyro_kpp.maths.spatial import KEY_DIM, SpatialTransformerRead
 
 
 def gaussian_blur(memory: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -121,9 +122,9 @@ class KanervaPlusPlus(EpisodicModel):
         return written if self.cfg.kpp_write == "blocks" else self.writer(E.mean(dim=1)) + written
 
     def written(self, x: torch.Tensor) -> torch.Tensor:
-        """The memory (B, C, H, W) written from x, computed once per x inside ``reuse_embedding()``
+        """The memory (B, C, H, W) written from x, computed once per x inside ``reuse_embedding``
         (model and guide both read it when ``kpp_posterior == "read"``)."""
-        return self.foreign(self.cached(x, "memory", lambda: self.write_memory(self.embed(x))))
+        return episode_memory(episode_cached(self, x, "memory", lambda: self.write_memory(self.embed(x))))
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""

@@ -7,7 +7,7 @@ Generative program for B episodes of T images, x: (B, T, C, H, W):
     x_t ~ p(x | z_t)           the shared decoder
 
 with the guide q(z_t | x_t) of ``pyro_kpp.guides.vae``. Pyro's ELBO is eq. 1 of KM summed
-over the episode's images; the per-image figure is that sum divided by T in ``pyro_kpp.bound``.
+over the episode's images; the per-image figure is that sum divided by T in ``pyro_kpp.inference.bound``.
 
 The images of an episode are independent, so the VAE's "memory" carries nothing. To serve
 the same ``write`` / ``sample`` API as the memory models (choices, also in the README):
@@ -24,9 +24,9 @@ import pyro
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.episodic import EpisodicModel, Memory, pyro_program
+from pyro_kpp.models.base import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.vae import VaeGuide
-from pyro_kpp.nets import dense_spectral_norm
+from pyro_kpp.nets.build import dense_spectral_norm
 
 
 class VAE(EpisodicModel):

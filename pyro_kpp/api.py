@@ -17,12 +17,12 @@ import os
 
 import torch
 
-from .checkpoint import load_checkpoint, nonfinite_entries
-from .config import Config
-from .device import resolve_device
-from .episodic import EpisodicModel, Memory, require_memory
-from .generation import IterativeReading, iterative_read as read_steps
-from .registry import build_model
+from pyro_kpp.train.checkpoint import load_checkpoint, nonfinite_entries
+from pyro_kpp.config import Config
+from pyro_kpp.train.device import resolve_device
+from pyro_kpp.models.base import EpisodicModel, Memory, require_memory
+from pyro_kpp.reading.iterative import IterativeReading, iterative_read as read_steps
+from pyro_kpp.models import build_model
 
 #: Images decoded per ``generate`` call in ``sample``: bounds its working memory whatever ``n`` is.
 SAMPLE_CHUNK = 256
@@ -122,7 +122,7 @@ def iterative_read(model: EpisodicModel, memory: Memory, episode: torch.Tensor, 
     ``episode`` takes what ``write`` takes, (T, C, H, W) or (B, T, C, H, W). Returns each step's
     mean reconstruction (pixel probabilities for Bernoulli), (steps, T, C, H, W) or
     (steps, B, T, C, H, W) like the input; ``full=True`` returns the whole
-    ``pyro_kpp.generation.IterativeReading`` (queries, keys and likelihood parameters of every step).
+    ``pyro_kpp.reading.iterative.IterativeReading`` (queries, keys and likelihood parameters of every step).
     """
     x = _checked_batch(model, episode)
     reading = read_steps(model, memory, x, steps, feedback, generator=generator)

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .likelihoods import LIKELIHOODS
-from .spatial import KEY_MAPS
-from .speed import PRECISIONS
+from pyro_kpp.maths.likelihoods import LIKELIHOODS
+from pyro_kpp.maths.spatial import KEY_MAPS
+from pyro_kpp.train.speed import PRECISIONS
 
 CONFIG_VERSION = 4
 #: Explicit upgrades of saved configs: MIGRATIONS[v] maps a version-v dict to a version-(v + 1)
@@ -47,7 +47,7 @@ KEY_KL_DEFAULTS = {"kpp": {"key_kl_start": 0.02, "key_kl_hold": 1000}}
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
-#: Network presets (``pyro_kpp.nets.build_encoder``): "cpu" = small conv stacks; "paper" = K++
+#: Network presets (``pyro_kpp.nets.conv.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
 #: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
 PRESET_DEFAULTS = {
@@ -84,7 +84,7 @@ class Config:
     reads: int = opt(2, "K++ reads per image K (paper: 2)", flags=("-K",))
     memory_shape: tuple[int, int, int] = opt((3, 64, 64), "K++ memory C,H,W (paper: 3,64,64)")
     window: int = opt(16, "K++ read window h = w")
-    # K++ write and keys (models/kpp.py, pyro_kpp/spatial.py). The defaults make the memory carry
+    # K++ write and keys (models/kpp.py, pyro_kpp/maths/spatial.py). The defaults make the memory carry
     # its episode (README "Memory use"): the addressed write alone ("blocks"), written at 4 x 4,
     # read through the uniform key map at nearly one scale, the prior reading it blurred by 2 pixels.
     # The paper's literal reading is
@@ -125,7 +125,7 @@ class Config:
                            "reported bounds use 1")
     # Training-only weight of the key / address KL (K++ keys, KM y, DKM w), on top of the warm-up:
     # key_kl_start for key_kl_hold steps, then a cosine ramp to 1 over key_kl_ramp steps
-    # (pyro_kpp.schedules). Every reported bound weights it 1.
+    # (pyro_kpp.inference.schedules). Every reported bound weights it 1.
     key_kl_start: float | None = opt(None, "training-only weight of the key/address KL at the start (1 = none)",
                                      default_text="K++ 0.02, other models 1")
     key_kl_hold: int | None = opt(None, "steps the key KL weight stays at --key-kl-start",
@@ -133,7 +133,7 @@ class Config:
     key_kl_ramp: int = opt(0, "steps of the cosine ramp of the key KL weight to 1")
     key_free_nats: float = opt(0.0, "training-only free nats of the key/address KL per image through the hold, "
                                "falling to 0 over the ramp")
-    # Speed (pyro_kpp.speed): neither changes the model or a reported bound (evaluation is float32).
+    # Speed (pyro_kpp.train.speed): neither changes the model or a reported bound (evaluation is float32).
     compile: bool = opt(False, "compile the networks with torch.compile (eager, with a message, where unavailable)")
     precision: str = opt("auto", "training precision: bf16 = the networks under bf16 autocast in the training "
                          "loss; fp32; auto = bf16 where the device computes it natively (AVX512-BF16, AMX, "

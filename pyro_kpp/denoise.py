@@ -3,13 +3,13 @@
 K++ §4.1 (Fig. 6 right: salt-and-pepper, speckle and Poisson noise, ten clean-up steps) and
 KM §4.3 (Fig. 3 right: randomly placed 12 x 12 blocks). For each test episode:
 
-1. corrupt the clean grey images with the noise (``pyro_kpp.noise``); for a binary model,
+1. corrupt the clean grey images with the noise (``pyro_kpp.data.noise``); for a binary model,
    binarize clean and noisy images with shared uniforms (``noise.binarize_pair``), for an
    8-bit model quantise both to 8 bits;
 2. write the memory from the *noisy* episode (the realistic case: only corrupted data are at
    hand; ``--write-from clean`` writes the clean episode instead, an upper bound on what a
    clean memory can add);
-3. read iteratively from the noisy images (``pyro_kpp.generation.iterative_read``) for
+3. read iteratively from the noisy images (``pyro_kpp.reading.iterative.iterative_read``) for
    ``--steps`` steps, and score each step's reconstruction against the *clean* images:
 
    * ``log p(clean | reconstruction)``: the log-likelihood of the clean image under the
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .cliargs import finite_float, positive_int
-from .episodic import EpisodicModel
-from .generation import FEEDBACKS, IterativeReading, iterative_read
-from .noise import NOISES, binarize_pair, corrupt, get_noise
+from pyro_kpp.cliargs import finite_float, positive_int
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.reading.iterative import FEEDBACKS, IterativeReading, iterative_read
+from pyro_kpp.data.noise import NOISES, binarize_pair, corrupt, get_noise
 
 WRITE_FROM = ("noisy", "clean")
 
@@ -157,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import data as data_lib
-    from .api import model_from_state
-    from .checkpoint import load_checkpoint
-    from .plots import rows_figure
-    from .episodes import Episodes, test_batches
+    from pyro_kpp import data as data_lib
+    from pyro_kpp.api import model_from_state
+    from pyro_kpp.train.checkpoint import load_checkpoint
+    from pyro_kpp.viz.grids import rows_figure
+    from pyro_kpp.data.episodes import Episodes, test_batches
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -2,12 +2,12 @@
 
 Prints the negative test conditional bound (the ELBO, eq. 4 of K++ / eq. 12 of KM) and the
 negative importance-weighted bound with S samples of (y, z) per image given the written
-memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.bound``); the ELBO's
+memory, both in nats/image over the fixed test episodes (see ``pyro_kpp.inference.bound``); the ELBO's
 terms (reconstruction, code KL, key/address KL, DKM's memory KL); and what the memory carries
 about its episode: the memory gain (the bound with another test episode's memory minus the
 bound with the episode's own) and the NLL of the mean memory read at each image's keys, from
 its own and from another episode's memory, and whether random-key samples are nearer to their
-own episode's images than to another's (``pyro_kpp.memory_use``). For 8-bit data
+own episode's images than to another's (``pyro_kpp.inference.memory_use``). For 8-bit data
 (``--likelihood dmol``) both are also given in bits/dim, -bound / (D ln 2) with D = C*H*W
 sub-pixels (K++ Table 1): the likelihood is a probability mass over the 256 levels of each
 sub-pixel, so the figure needs no dequantization correction.
@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_lib
-from .api import model_from_state
-from . import speed
-from .bound import evaluate, particle_passes
-from .checkpoint import load_checkpoint
-from .config import Config
-from .device import resolve_device
-from .inspect import pareto_k
-from .likelihoods import LIKELIHOODS, bits_per_dim
-from .memory_use import diagnose
-from .episodes import make_episodes, test_batches
+from pyro_kpp import data as data_lib
+from pyro_kpp.api import model_from_state
+from pyro_kpp.train import speed
+from pyro_kpp.inference.bound import evaluate, particle_passes
+from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.config import Config
+from pyro_kpp.train.device import resolve_device
+from pyro_kpp.inference.posterior import pareto_k
+from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
+from pyro_kpp.inference.memory_use import diagnose
+from pyro_kpp.data.episodes import make_episodes, test_batches
 
 
 #: Fewest importance samples per image for which the Pareto-k fit is reported. PSIS fits the
@@ -73,7 +73,7 @@ def particle_total(n_episodes: int, batch_size: int, T: int, samples: int) -> in
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",
                  data_dir: str | None = None, seed: int = 0, progress: bool = True, compile: bool = False) -> dict:
     """Bounds of a run's checkpoint on its data set's fixed test episodes. ``compile`` runs the
-    networks through ``torch.compile`` (``pyro_kpp.speed``; float32 as always): 1.4x faster over
+    networks through ``torch.compile`` (``pyro_kpp.train.speed``; float32 as always): 1.4x faster over
     the whole test split for a run in the plain layout, no faster in the default channels-last one."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples: expected a positive integer, got {samples!r}")

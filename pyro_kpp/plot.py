@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .plots import save_figure
+from pyro_kpp.viz.grids import save_figure
 
 
 def read_jsonl(path: Path) -> list[dict]:

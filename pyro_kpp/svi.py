@@ -5,11 +5,11 @@ once per epoch, ``evaluate_epoch``; a ``TrainState`` holds the optimizer, schedu
 and saves and restores them symmetrically (``state_dict``/``load_state_dict``). The CLI options
 are generated from the ``Config`` dataclass (``pyro_kpp.config.opt``, ``pyro_kpp.cliargs``).
 The loss is Pyro's ``Trace_ELBO`` (or ``TraceMeanField_ELBO``) used as a differentiable loss
-with a plain torch optimizer over the model's parameters (``pyro_kpp.optim.build_optimizer``: a foreach Adam, or LARS(Adam) with a
+with a plain torch optimizer over the model's parameters (``pyro_kpp.train.optim.build_optimizer``: a foreach Adam, or LARS(Adam) with a
 one-cycle schedule for ``--preset paper``): one optimizer for the whole model and global
 gradient-norm clipping, which Pyro's per-tensor ``PyroOptim``/``ClippedAdam`` do not give.
 A KL warm-up (``--kl-warmup``) weights the KL terms of the training loss only. The speed options
-(``pyro_kpp.speed``): bf16 networks where native (``--precision auto``) and channels-last are the
+(``pyro_kpp.train.speed``): bf16 networks where native (``--precision auto``) and channels-last are the
 defaults, ``--compile`` is off; every evaluation runs in float32.
 
 Each epoch: train on every training image once (random episodes; binarized data get a fresh
@@ -19,7 +19,7 @@ write image grids, append a line to ``metrics.jsonl`` and save ``checkpoint.pt``
 
 Under ``torchrun --nproc_per_node W -m pyro_kpp.svi ...`` the loop runs data-parallel on W
 ranks under ``DistributedDataParallel`` (``--batch-size`` is then the global batch): see
-pyro_kpp.distributed. The same models also train with Pyro's own ``SVI`` (README, "Pyro programs").
+pyro_kpp.train.distributed. The same models also train with Pyro's own ``SVI`` (README, "Pyro programs").
 """
 from __future__ import annotations
 
@@ -39,24 +39,28 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from . import distributed, rundir, speed
-from .api import model_from_state
-from .bound import TrainingLoss, evaluate, make_elbo
-from .checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
+from pyro_kpp.train import distributed
+
+from pyro_kpp.train import rundir
+
+from pyro_kpp.train import speed
+from pyro_kpp.api import model_from_state
+from pyro_kpp.inference.bound import TrainingLoss, evaluate, make_elbo
+from pyro_kpp.train.checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
                          save_checkpoint)
-from .cliargs import add_config_options, flag_message
-from .config import Config
-from .data import DATASETS, load_dataset
-from .episodes import Episodes, make_episodes, test_batches
-from .interrupts import StopRequests
-from .likelihoods import LIKELIHOODS, bits_per_dim
-from .memory_use import diagnose
-from .optim import build_optimizer
-from .plot import save_curves
-from .plots import write_images
-from .registry import MODELS, build_model
-from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
-from .schedules import key_free_nats, key_kl_weight, kl_weight
+from pyro_kpp.cliargs import add_config_options, flag_message
+from pyro_kpp.config import Config
+from pyro_kpp.data import DATASETS, load_dataset
+from pyro_kpp.data.episodes import Episodes, make_episodes, test_batches
+from pyro_kpp.train.interrupts import StopRequests
+from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
+from pyro_kpp.inference.memory_use import diagnose
+from pyro_kpp.train.optim import build_optimizer
+from pyro_kpp.plot import save_curves
+from pyro_kpp.viz.grids import write_images
+from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.train.resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
+from pyro_kpp.inference.schedules import key_free_nats, key_kl_weight, kl_weight
 
 #: Training episodes on which the true train bound is measured at the end of a warm-up epoch.
 TRAIN_BOUND_EPISODES = 64
@@ -261,7 +265,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
           progress: bool = True, log_steps: bool = False, world: distributed.World | None = None) -> list[dict]:
     """Train ``cfg`` in ``run_dir``; returns the metrics of every epoch run here.
 
-    Under torchrun (``world``, see pyro_kpp.distributed) every rank trains on its slice of each
+    Under torchrun (``world``, see pyro_kpp.train.distributed) every rank trains on its slice of each
     global batch of ``cfg.batch_size`` episodes with averaged gradients; only rank 0 evaluates
     and writes files, and only rank 0 returns metrics. The caller holds ``run_dir`` (the CLI
     does, with ``rundir.claim``: a lock against other writers, no overwriting of another run).

@@ -30,7 +30,7 @@ def omniglot():
 def model():
     """An untrained K++ with the tiny sizes, in eval mode."""
     from helpers import tiny_config
-    from pyro_kpp.registry import build_model
+    from pyro_kpp.models import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_config()).eval()

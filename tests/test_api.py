@@ -6,7 +6,7 @@ import torch
 
 import pyro_kpp
 from pyro_kpp import svi
-from pyro_kpp.checkpoint import CheckpointError
+from pyro_kpp.train.checkpoint import CheckpointError
 
 from helpers import tiny_cli_args
 

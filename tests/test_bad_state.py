@@ -9,15 +9,16 @@ import pytest
 import torch
 
 import pyro_kpp
-from pyro_kpp import api, svi
+from pyro_kpp import api
+from pyro_kpp import svi
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp.bench.__main__ import main as bench_main
-from pyro_kpp.checkpoint import load_checkpoint, save_checkpoint
+from pyro_kpp.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_kpp.denoise import main as denoise_main
-from pyro_kpp.episodic import Memory
-from pyro_kpp.generation import iterative_read
-from pyro_kpp.generation.__main__ import main as generation_main
-from pyro_kpp.registry import MODELS, build_model
+from pyro_kpp.models.base import Memory
+from pyro_kpp.generation import main as generation_main
+from pyro_kpp.reading.iterative import iterative_read
+from pyro_kpp.models import MODELS, build_model
 
 from helpers import tiny_cli_args, tiny_config
 
@@ -62,7 +63,7 @@ def test_nonfinite_noise_levels_are_refused(tiny_run, capsys):
     assert "argument --std" in _exit_line(capsys, generation_main, str(tiny_run), "perturbed", "--out", "x.png",
                                           "--std", "nan")
     with pytest.raises(ValueError, match="peak: expected a positive, finite"):
-        pyro_kpp.noise.corrupt(torch.zeros(1, 1, 4, 4), "poisson", float("inf"))
+        pyro_kpp.data.noise.corrupt(torch.zeros(1, 1, 4, 4), "poisson", float("inf"))
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_refused(tiny_run, tmp_path, capsys):

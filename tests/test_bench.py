@@ -8,15 +8,16 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_kpp import speed
+from pyro_kpp.train import speed
 from pyro_kpp.bench.__main__ import main
 from pyro_kpp.bench.measure import alternate, count_dispatched, peak_memory
 from pyro_kpp.bench.reference import kpp_reference_loss
 from pyro_kpp.bench.sizes import Bench, LinearDecoder, LinearEncoder
-from pyro_kpp.bound import make_elbo, training_loss
+from pyro_kpp.inference.bound import make_elbo, training_loss
 from pyro_kpp.svi import train
 
 from helpers import tiny_config
+from pyro_kpp.inference.handlers import reuse_embedding
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def tiny_kpp(omniglot):
 def _guide_noise(model, x, seed):
     """The standard-normal noises behind the guide's draws of keys and z under ``seed``."""
     pyro.set_rng_seed(seed)
-    with model.reuse_embedding():
+    with reuse_embedding():
         tr = poutine.trace(model.guide).get_trace(x)
     noise = []
     for name in ("keys", "z"):
@@ -97,7 +98,7 @@ def test_training_loss_reads_no_values_without_validation(omniglot, name):
     with pyro.validation_enabled(True):
         _, checked = count_dispatched(lambda: training_loss(b.model, b.x, b.elbo).backward())
     _, steady = count_dispatched(b.forward_backward)
-    ours = [k for k in checked if k.startswith("pyro_kpp:pyro_kpp/episodic.py")]
+    ours = [k for k in checked if k.startswith("pyro_kpp:pyro_kpp/models/base.py")]
     assert ours and not any(k.startswith("pyro_kpp") for k in steady), (checked, steady)
 
 

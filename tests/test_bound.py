@@ -14,9 +14,9 @@ import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, Normal
 
-from pyro_kpp.bound import evaluate, image_bounds, log_weights, make_elbo, training_loss
+from pyro_kpp.inference.bound import evaluate, image_bounds, log_weights, make_elbo, training_loss
 from pyro_kpp.models.kpp import gaussian_blur
-from pyro_kpp.registry import build_model
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 

@@ -23,22 +23,22 @@ import pyro_kpp
 from pyro_kpp import data as D
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.episodes import make_episodes
+from pyro_kpp.data.episodes import make_episodes
 
 
 def make_cifar10(root: Path, per_batch: int = 8, n_test: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """A CIFAR-10 stand-in in torchvision's layout; returns the images (N, 3, 32, 32) per split."""
     rng = np.random.default_rng(seed)
-    folder = root / D.CIFAR10_FOLDER
+    folder = root / D.sets.CIFAR10_FOLDER
     folder.mkdir(parents=True)
     train = []
-    for i, name in enumerate([*D.CIFAR10_TRAIN_BATCHES, D.CIFAR10_TEST_BATCH]):
-        n = n_test if name == D.CIFAR10_TEST_BATCH else per_batch
+    for i, name in enumerate([*D.sets.CIFAR10_TRAIN_BATCHES, D.sets.CIFAR10_TEST_BATCH]):
+        n = n_test if name == D.sets.CIFAR10_TEST_BATCH else per_batch
         images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
         entry = {"batch_label": f"batch {i}", "labels": rng.integers(0, 10, size=n).tolist(),
                  "data": images.reshape(n, 3 * 32 * 32), "filenames": [f"img_{i}_{j}.png" for j in range(n)]}
         (folder / name).write_bytes(pickle.dumps(entry))
-        if name != D.CIFAR10_TEST_BATCH:
+        if name != D.sets.CIFAR10_TEST_BATCH:
             train.append(images)
     meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
@@ -80,12 +80,12 @@ def test_missing_cifar10_offline_names_the_folder(tmp_path):
 
 def test_damaged_batch_is_a_data_error(tmp_path):
     make_cifar10(tmp_path)
-    (tmp_path / D.CIFAR10_FOLDER / "data_batch_3").write_bytes(b"not a pickle")
+    (tmp_path / D.sets.CIFAR10_FOLDER / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(D.DataError, match="data_batch_3"):
         D.load_dataset("cifar10", tmp_path)
     D.clear_memory_cache()
     bad = {"data": np.zeros((4, 100), dtype=np.uint8), "labels": [0] * 4}
-    (tmp_path / D.CIFAR10_FOLDER / "data_batch_3").write_bytes(pickle.dumps(bad))
+    (tmp_path / D.sets.CIFAR10_FOLDER / "data_batch_3").write_bytes(pickle.dumps(bad))
     with pytest.raises(D.DataError, match="expected a pickled dict"):
         D.load_dataset("cifar10", tmp_path)
 

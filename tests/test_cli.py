@@ -11,7 +11,7 @@ import torch
 
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.checkpoint import load_checkpoint
+from pyro_kpp.train.checkpoint import load_checkpoint
 
 from helpers import tiny_cli_args
 

@@ -1,4 +1,4 @@
-"""Tests of pyro_kpp.data: data sets (real Omniglot / Fashion-MNIST, synthetic MNIST) and Episodes.
+"""Tests of pyro_kpp.data.sets: data sets (real Omniglot / Fashion-MNIST, synthetic MNIST) and Episodes.
 
 The real data come from $PYRO_KPP_DATA, else ../shared/data next to the project. The Omniglot
 cache goes to $PYRO_KPP_CACHE if set (so it persists across sessions), else to one temporary
@@ -19,8 +19,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 from pyro_kpp import data as D
-from pyro_kpp import episodes as E
-from pyro_kpp import omniglot as O
+from pyro_kpp.data import episodes as E
+from pyro_kpp.data import omniglot as O
 
 from helpers import make_mnist
 
@@ -69,8 +69,8 @@ def omniglot(real_root) -> D.ImageData:
 def _fresh_memo():
     """Tests that use temporary roots must not see each other's memoised results."""
     yield
-    for key in [k for k in D._MEMO if not k[1].startswith(str(_real_data_root().resolve()))]:
-        del D._MEMO[key]
+    for key in [k for k in D.sets._MEMO if not k[1].startswith(str(_real_data_root().resolve()))]:
+        del D.sets._MEMO[key]
 
 
 def _make_omniglot(root: Path, per_split: int = 4) -> list[Path]:

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from pyro_kpp import denoise as D
-from pyro_kpp import noise as N
-from pyro_kpp.generation import iterative_read
-from pyro_kpp.registry import build_model
+from pyro_kpp.data import noise as N
+from pyro_kpp.reading.iterative import iterative_read
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (pyro_kpp.distributed): 2 CPU ranks with gloo.
+"""Data-parallel training (pyro_kpp.train.distributed): 2 CPU ranks with gloo.
 
 * The helpers, exactly: under DistributedDataParallel every rank starts from rank 0's weights,
   the averaged gradient of two ranks' slices is the gradient of the whole batch (a sum instead
@@ -7,7 +7,7 @@
   a checkpoint.
 * The CLI under torchrun: the loss trajectory of 2 ranks (stopped after 4 steps, then resumed)
   follows a single process with the same global batch and seed. The ranks draw their own
-  sampling noise (see pyro_kpp.distributed), so the two agree up to Monte Carlo noise only:
+  sampling noise (see pyro_kpp.train.distributed), so the two agree up to Monte Carlo noise only:
   over these 8 steps the measured difference was at most 0.46 nats/image, on a loss of ~545.
   The tolerance of 1 nat/image rejects a summed loss (x2) by far. With Adam, whose steps do
   not depend on the gradient's scale, a trajectory cannot tell averaged from summed gradients,
@@ -28,8 +28,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pyro_kpp import distributed, svi
-from pyro_kpp.checkpoint import load_checkpoint
+from pyro_kpp.train import distributed
+
+from pyro_kpp import svi
+from pyro_kpp.train.checkpoint import load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args
 
@@ -43,7 +45,7 @@ def _free_port() -> int:
 
 
 class _MSE(torch.nn.Module):
-    """A module whose forward returns the loss, as DDP wants it (pyro_kpp.bound.TrainingLoss)."""
+    """A module whose forward returns the loss, as DDP wants it (pyro_kpp.inference.bound.TrainingLoss)."""
 
     def __init__(self):
         super().__init__()

@@ -11,12 +11,13 @@ import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
-from pyro_kpp.bound import PARTICLE_DIM, evaluate, image_bounds, log_weights, make_elbo, training_loss
-from pyro_kpp.generation import iterative_read
-from pyro_kpp.matrix_normal import MatrixNormal, ridge_weights
-from pyro_kpp.registry import build_model
+from pyro_kpp.inference.bound import PARTICLE_DIM, evaluate, image_bounds, log_weights, make_elbo, training_loss
+from pyro_kpp.reading.iterative import iterative_read
+from pyro_kpp.maths.matrix_normal import MatrixNormal, ridge_weights
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
+from pyro_kpp.inference.handlers import reuse_embedding
 from test_km import episode, learns_on_omniglot, site_plates, site_shapes
 
 DKM = dict(model="dkm", slots=6)
@@ -69,7 +70,7 @@ def test_sequential_write_solves_each_address_against_the_current_memory(iterati
 def test_model_and_guide_trace_shapes():
     model = build_model(tiny_config(**DKM))
     x = episode()
-    with model.reuse_embedding():
+    with reuse_embedding():
         guide_tr = poutine.trace(model.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     expected = {"memory": ((2, 1), (6, 8)), "w": ((2, 4), (6,)), "z": ((2, 4), (8,))}
@@ -90,7 +91,7 @@ def test_model_and_guide_trace_shapes():
 def test_particle_shapes():
     model = build_model(tiny_config(**DKM))
     x = episode()
-    with model.reuse_embedding(), pyro.plate("particles", 3, dim=PARTICLE_DIM):
+    with reuse_embedding(), pyro.plate("particles", 3, dim=PARTICLE_DIM):
         guide_tr = poutine.trace(model.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     assert site_shapes(guide_tr) == {"memory": ((3, 2, 1), (6, 8)), "w": ((3, 2, 4), (6,)),
@@ -115,7 +116,7 @@ def test_memory_kl_is_the_closed_form_of_the_vectorised_gaussians():
     torch.manual_seed(0)
     model = _far_codes(build_model(tiny_config(**DKM)).double())
     x = episode().double()
-    with model.reuse_embedding():
+    with reuse_embedding():
         guide_tr = poutine.trace(model.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     q, p = guide_tr.nodes["memory"]["fn"], model_tr.nodes["memory"]["fn"]
@@ -141,7 +142,7 @@ def test_memory_kl_enters_the_per_image_bound_once_per_episode(elbo):
     pyro.set_rng_seed(3)
     reported = evaluate(model, [x], samples=1)["elbo"] if elbo == "trace" else None
     pyro.set_rng_seed(3)
-    with model.reuse_embedding():                                           # the same draws
+    with reuse_embedding():                                           # the same draws
         tr = poutine.trace(model.guide).get_trace(x)
     M, w, z = (tr.nodes[s]["value"] for s in ("memory", "w", "z"))
 

@@ -1,4 +1,4 @@
-"""The discretized mixture of logistics (pyro_kpp.dmol) and the 8-bit path through the models.
+"""The discretized mixture of logistics (pyro_kpp.maths.dmol) and the 8-bit path through the models.
 
 The distribution is checked against brute force: its probabilities over every 8-bit value sum
 to one, its log-probabilities match a direct float64 computation from logistic CDF differences
@@ -18,11 +18,11 @@ from helpers import tiny_config
 from pyro import poutine
 
 import pyro_kpp
-from pyro_kpp.bound import evaluate, log_weights, make_elbo, training_loss
-from pyro_kpp.dmol import (HALF_BIN, LEVELS, DiscretizedLogisticMixture, channels_from_params,
+from pyro_kpp.inference.bound import evaluate, log_weights, make_elbo, training_loss
+from pyro_kpp.maths.dmol import (HALF_BIN, LEVELS, DiscretizedLogisticMixture, channels_from_params,
                            coefficient_count, params_per_component)
-from pyro_kpp.likelihoods import DMOL_COMPONENTS, bits_per_dim
-from pyro_kpp.registry import MODELS, build_model
+from pyro_kpp.maths.likelihoods import DMOL_COMPONENTS, bits_per_dim
+from pyro_kpp.models import MODELS, build_model
 
 F64 = torch.float64
 
@@ -261,7 +261,7 @@ def test_sampling_returns_8_bit_images():
 def test_fashion_mnist_dmol_bound_decreases():
     """A few Adam steps on real 8-bit Fashion-MNIST lower the test bound (nats/image)."""
     from pyro_kpp import data as D
-    from pyro_kpp.episodes import make_episodes
+    from pyro_kpp.data.episodes import make_episodes
 
     try:
         data = D.load_dataset("fashion-mnist", offline=True)

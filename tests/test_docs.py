@@ -13,7 +13,7 @@ ENTRY = re.compile(r"^## `([\w.]+)(\(.*\).*)`$", re.M)
 
 
 def _resolve(dotted: str):
-    """The function documented as ``dotted``; ``pyro_kpp.episodes`` is the callable module's function."""
+    """The function documented as ``dotted``; ``pyro_kpp.data.episodes`` is the callable module's function."""
     module, _, name = dotted.rpartition(".")
     obj = getattr(importlib.import_module(module), name)
     return obj.load_episodes if inspect.ismodule(obj) else obj

@@ -39,8 +39,8 @@ def test_progress_counts_every_image_particle():
     batches of two episodes or more (a lone episode has none)."""
     import torch
     from helpers import tiny_config
-    from pyro_kpp.bound import PARTICLE_CHUNK, evaluate
-    from pyro_kpp.registry import build_model
+    from pyro_kpp.inference.bound import PARTICLE_CHUNK, evaluate
+    from pyro_kpp.models import build_model
 
     model = build_model(tiny_config())
     x = torch.bernoulli(torch.full((4, 4, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
@@ -52,7 +52,7 @@ def test_progress_counts_every_image_particle():
 
 
 def test_compiled_evaluation_gives_the_same_bounds(tiny_run):
-    from pyro_kpp import speed
+    from pyro_kpp.train import speed
     import torch
     if (reason := speed.compile_unavailable(torch.device("cpu"))) is not None:
         pytest.skip(f"torch.compile unavailable: {reason}")

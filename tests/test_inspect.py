@@ -1,4 +1,4 @@
-"""Posterior draws, KL terms, InferenceData, Pareto-k and read-window drawing (pyro_kpp.inspect)."""
+"""Posterior draws, KL terms, InferenceData, Pareto-k and read-window drawing (pyro_kpp.inference.posterior)."""
 from __future__ import annotations
 
 import warnings
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pyro_kpp import inspect as I
-from pyro_kpp.bound import log_weights
-from pyro_kpp.registry import MODELS, build_model
-from pyro_kpp.spatial import SpatialTransformerRead, exact_window_keys
+from pyro_kpp.inference import posterior as I
+from pyro_kpp.inference.bound import log_weights
+from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.maths.spatial import SpatialTransformerRead, exact_window_keys
 
 from helpers import tiny_config
 

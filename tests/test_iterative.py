@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import pyro_kpp
-from pyro_kpp import generation as G
-from pyro_kpp.generation.__main__ import main as generation_main
+from pyro_kpp.generation import MODES, main as generation_main
+from pyro_kpp.reading import iterative as G
 from pyro_kpp.data import DataError, ImageData
-from pyro_kpp.episodes import class_episodes
-from pyro_kpp.registry import MODELS, build_model
+from pyro_kpp.data.episodes import class_episodes
+from pyro_kpp.models import MODELS, build_model
 
 from helpers import tiny_config
 
@@ -136,7 +136,7 @@ def test_class_episodes_errors(omniglot):
         class_episodes(unlabelled, 1, 2)
 
 
-@pytest.mark.parametrize("mode", G.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_generation_cli_writes_each_figure(tiny_run, tmp_path, mode, capsys):
     out = tmp_path / f"{mode}.png"
     args = [str(tiny_run), mode, "--out", str(out), "-n", "4", "--steps", "2"]

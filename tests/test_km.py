@@ -16,11 +16,12 @@ from torch.distributions import Bernoulli, Normal
 import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.bound import PARTICLE_DIM, log_weights, make_elbo, training_loss
-from pyro_kpp.episodes import Episodes
-from pyro_kpp.registry import build_model
+from pyro_kpp.inference.bound import PARTICLE_DIM, log_weights, make_elbo, training_loss
+from pyro_kpp.data.episodes import Episodes
+from pyro_kpp.models import build_model
 
 from helpers import tiny_cli_args, tiny_config
+from pyro_kpp.inference.handlers import reuse_embedding
 
 KM = dict(model="km", slots=6, address_size=5)
 
@@ -118,7 +119,7 @@ def test_prior_row_covariance_is_spd_for_any_parameters():
 def test_model_and_guide_trace_shapes(mode):
     model = build_model(tiny_config(**KM, km_read_write=mode))
     x = episode()
-    with model.reuse_embedding():
+    with reuse_embedding():
         guide_tr = poutine.trace(model.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     assert site_shapes(model_tr) == {
@@ -146,7 +147,7 @@ def test_model_and_guide_trace_shapes(mode):
 def test_particle_shapes_and_one_written_memory_per_evaluation():
     model = build_model(tiny_config(**KM))
     x = episode()
-    with model.reuse_embedding():
+    with reuse_embedding():
         with pyro.plate("particles", 3, dim=PARTICLE_DIM):
             guide_tr = poutine.trace(model.guide).get_trace(x)
             model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
@@ -171,7 +172,7 @@ def test_log_weights_equal_the_hand_computation():
     pyro.set_rng_seed(7)
     lw = log_weights(model, x, samples=1)[0]                                # (B, T)
     pyro.set_rng_seed(7)
-    with model.reuse_embedding():                                           # same draws
+    with reuse_embedding():                                           # same draws
         tr = poutine.trace(model.guide).get_trace(x)
         R = poutine.trace(poutine.replay(model.model, trace=tr)).get_trace(x).nodes["memory"]["value"][:, 0]
     y, z = tr.nodes["y"]["value"], tr.nodes["z"]["value"]
@@ -251,7 +252,7 @@ def test_svi_cli_tiny_run_then_evaluate_load_write_sample(name, tmp_path, capsys
 
 def test_iterative_read_decodes_the_code_posterior():
     """KM Algorithm 1: a query read back from the memory decodes the mean of q(z | x, y, M)."""
-    from pyro_kpp.generation import iterative_read
+    from pyro_kpp.reading.iterative import iterative_read
     model = build_model(tiny_config(**KM)).eval()
     x = episode()
     memory = model.write(x)

@@ -7,9 +7,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyro_kpp.bound import PARTICLE_DIM, make_elbo, training_loss
-from pyro_kpp.episodes import Episodes
-from pyro_kpp.registry import build_model
+from pyro_kpp.inference.bound import PARTICLE_DIM, make_elbo, training_loss
+from pyro_kpp.data.episodes import Episodes
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 

@@ -1,4 +1,4 @@
-"""Tests of pyro_kpp.matrix_normal against brute force on vec(M) (Kronecker form, float64)."""
+"""Tests of pyro_kpp.maths.matrix_normal against brute force on vec(M) (Kronecker form, float64)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from pyro_kpp.matrix_normal import (MatrixNormal, bayes_write, bayes_write_step, read, read_variance,
+from pyro_kpp.maths.matrix_normal import (MatrixNormal, bayes_write, bayes_write_step, read, read_variance,
                                     ridge_weights)
 
 D64 = torch.float64

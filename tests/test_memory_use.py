@@ -10,14 +10,15 @@ import torch
 from pyro import poutine
 
 from pyro_kpp import svi
-from pyro_kpp.bound import TERMS, bound_terms, evaluate, make_elbo, particle_traces, training_loss
+from pyro_kpp.inference.bound import TERMS, bound_terms, evaluate, make_elbo, particle_traces, training_loss
 from pyro_kpp.config import Config
-from pyro_kpp.memory_use import diagnose, sample_affinity
-from pyro_kpp.registry import build_model
-from pyro_kpp.schedules import key_kl_weight, kl_weight
-from pyro_kpp.spatial import SpatialTransformerRead, exact_window_keys
+from pyro_kpp.inference.memory_use import diagnose, sample_affinity
+from pyro_kpp.models import build_model
+from pyro_kpp.inference.schedules import key_kl_weight, kl_weight
+from pyro_kpp.maths.spatial import SpatialTransformerRead, exact_window_keys
 
 from helpers import tiny_config
+from pyro_kpp.inference.handlers import foreign_memory, reuse_embedding
 
 MODELS = ["kpp", "km", "dkm", "vae"]
 
@@ -113,18 +114,18 @@ def test_foreign_memory_is_another_episodes(name):
     """Inside ``foreign_memory`` episode b of a batch reads the memory written from episode b + 1."""
     model = build_model(tiny_config(model=name)).eval()
     x = _episodes()
-    with model.reuse_embedding():
+    with reuse_embedding():
         own = poutine.trace(model.model).get_trace(x) if name == "kpp" else None
     guide_tr = poutine.trace(model.guide).get_trace(x)
-    with model.foreign_memory():
+    with foreign_memory():
         foreign = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
     if name == "kpp":
         torch.testing.assert_close(foreign.nodes["memory"]["value"], own.nodes["memory"]["value"].roll(-1, 0))
     else:
         # KM's write draws codes; compare with the shared write of one reuse_embedding context
-        with model.reuse_embedding():
+        with reuse_embedding():
             written = model.written(x)
-            with model.foreign_memory():
+            with foreign_memory():
                 swapped = model.written(x)
         for a, b in zip(written[-2:], swapped[-2:]):
             torch.testing.assert_close(b, a.roll(-1, 0))
@@ -185,7 +186,7 @@ def test_key_weight_scales_only_the_key_kl(name):
     pyro.set_rng_seed(3)
     weighted = training_loss(model, x, elbo, key_kl_scale=0.1)
     pyro.set_rng_seed(3)
-    with model.reuse_embedding():
+    with reuse_embedding():
         model_tr, guide_tr, lw = particle_traces(model, x, 1)
     terms = {k: v.expand(lw.shape).mean() for k, v in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
     expected = sum(terms.values()) - 0.9 * terms["key_kl"]
@@ -198,7 +199,7 @@ def test_free_nats_charge_at_least_that_much_for_the_keys():
     model = build_model(tiny_config()).eval()
     x = _episodes()
     pyro.set_rng_seed(5)
-    with model.reuse_embedding():
+    with reuse_embedding():
         model_tr, guide_tr, lw = particle_traces(model, x, 1)
     terms = {k: v.expand(lw.shape).mean() for k, v in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
     free = float(terms["key_kl"].detach()) + 10.0
@@ -237,7 +238,7 @@ def test_code_posterior_that_reads_the_memory():
         traces = []
         for foreign in (False, True):
             pyro.set_rng_seed(1)
-            with model.reuse_embedding(), (model.foreign_memory() if foreign else torch.no_grad()):
+            with reuse_embedding(), (foreign_memory() if foreign else torch.no_grad()):
                 traces.append(poutine.trace(model.guide).get_trace(x))
         torch.testing.assert_close(traces[0].nodes["keys"]["value"], traces[1].nodes["keys"]["value"])
         moved = (traces[0].nodes["z"]["fn"].base_dist.loc - traces[1].nodes["z"]["fn"].base_dist.loc).abs().max()

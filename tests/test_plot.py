@@ -6,7 +6,9 @@ import json
 import pytest
 from PIL import Image
 
-from pyro_kpp import plot, svi
+from pyro_kpp import plot
+
+from pyro_kpp import svi
 
 from helpers import tiny_config
 

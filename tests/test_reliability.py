@@ -14,10 +14,12 @@ import pyro
 import pytest
 import torch
 
-from pyro_kpp import bound, svi
-from pyro_kpp.bound import image_bounds, make_elbo, training_loss
-from pyro_kpp.registry import MODELS, build_model
-from pyro_kpp.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
+from pyro_kpp.inference import bound
+
+from pyro_kpp import svi
+from pyro_kpp.inference.bound import image_bounds, make_elbo, training_loss
+from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.train.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args, tiny_config
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from pyro_kpp import svi
-from pyro_kpp.checkpoint import load_checkpoint
-from pyro_kpp.resume import check_resume_targets
+from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.train.resume import check_resume_targets
 
 from helpers import tiny_cli_args, tiny_config
 
@@ -73,7 +73,7 @@ def test_config_errors_name_the_flag(tmp_path, capsys):
 
 
 def test_newest_run_is_the_last_saved_and_its_absence_is_explained(tmp_path):
-    from pyro_kpp.rundir import RunDirError, newest_run
+    from pyro_kpp.train.rundir import RunDirError, newest_run
 
     with pytest.raises(RunDirError, match="PYRO_KPP_RUN: no run under"):
         newest_run(tmp_path)

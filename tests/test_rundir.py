@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
-from pyro_kpp import checkpoint as checkpoint_module
-from pyro_kpp import bound, rundir, svi
-from pyro_kpp.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from pyro_kpp.train import checkpoint as checkpoint_module
+from pyro_kpp.inference import bound
+from pyro_kpp.train import rundir
+from pyro_kpp import svi
+from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from pyro_kpp.config import Config
 
 from helpers import make_mnist, tiny_cli_args
@@ -66,7 +68,7 @@ def test_a_second_process_is_locked_out_while_a_run_holds_the_folder(tmp_path, c
     run = tmp_path / "run"
     assert _svi(run, "--max-steps", "1") == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, pathlib; from pyro_kpp.rundir import RunLock; "
+        [sys.executable, "-c", "import sys, time, pathlib; from pyro_kpp.train.rundir import RunLock; "
          "RunLock(pathlib.Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_kpp.spatial import SpatialTransformerRead, exact_window_keys, key_to_theta
+from pyro_kpp.maths.spatial import SpatialTransformerRead, exact_window_keys, key_to_theta
 
 
 def test_exact_keys_read_the_same_block_as_slicing():

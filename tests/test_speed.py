@@ -10,10 +10,12 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_kpp import speed, svi
-from pyro_kpp.bound import evaluate, make_elbo, training_loss
+from pyro_kpp.train import speed
+
+from pyro_kpp import svi
+from pyro_kpp.inference.bound import evaluate, make_elbo, training_loss
 from pyro_kpp.config import Config
-from pyro_kpp.registry import build_model
+from pyro_kpp.models import build_model
 
 from helpers import tiny_cli_args, tiny_config
 

@@ -22,7 +22,7 @@ def test_episodes_train_split_and_bad_split(model):
     assert pyro_kpp.write(model, x).episodes == 2                  # ready for the model
     with pytest.raises(ValueError, match="split: expected one of"):
         pyro_kpp.episodes("omniglot", split="validation")
-    assert callable(pyro_kpp.episodes.class_episodes)              # still the module
+    assert callable(pyro_kpp.data.episodes.class_episodes)              # still the module
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -8,8 +8,8 @@ import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, Normal
 
-from pyro_kpp.bound import PARTICLE_DIM, log_weights
-from pyro_kpp.registry import build_model
+from pyro_kpp.inference.bound import PARTICLE_DIM, log_weights
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 from test_km import episode, learns_on_omniglot, site_plates, site_shapes

@@ -3,7 +3,7 @@
 The same network calls as ``KanervaPlusPlus.model`` and its guide (encoder, writer, reader,
 learned prior, decoder), with the log-densities of eq. 4 written out with
 ``torch.distributions`` and explicit reparameterised draws, and no Pyro at all. For the same
-noise it equals ``pyro_kpp.bound.training_loss`` with ``Trace_ELBO`` (tested), so the time ratio
+noise it equals ``pyro_kpp.inference.bound.training_loss`` with ``Trace_ELBO`` (tested), so the time ratio
 of the two is what Pyro's tracing, plates and ELBO bookkeeping cost.
 """
 from __future__ import annotations

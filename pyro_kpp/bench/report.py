@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .sizes import MODEL_NAMES
+from pyro_kpp.bench.sizes import MODEL_NAMES
 
 
 def table_rows(results: dict, targets: list) -> list[tuple[str, str, str]]:

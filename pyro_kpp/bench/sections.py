@@ -17,13 +17,13 @@ from typing import Callable
 import pyro
 import torch
 
-from pyro_kpp.bound import evaluate
-from pyro_kpp.episodes import make_episodes, test_batches
+from pyro_kpp.inference.bound import evaluate
+from pyro_kpp.data.episodes import make_episodes, test_batches
 from pyro_kpp.svi import train
 
-from . import measure
-from .reference import kpp_reference_loss
-from .sizes import MODEL_NAMES, Bench, Sizes
+from pyro_kpp.bench import measure
+from pyro_kpp.bench.reference import kpp_reference_loss
+from pyro_kpp.bench.sizes import MODEL_NAMES, Bench, Sizes
 
 PRESET_NAMES = ("paper", "recipe", "cpu")
 
@@ -31,7 +31,7 @@ PRESET_NAMES = ("paper", "recipe", "cpu")
 @dataclass
 class Context:
     sizes: Sizes
-    data: object                      # pyro_kpp.data.ImageData (Omniglot)
+    data: object                      # pyro_kpp.data.sets.ImageData (Omniglot)
     device: torch.device
     repeats: int
     budget: float                     # seconds of training per model in the quality section
@@ -225,7 +225,7 @@ def _flops(ctx: Context) -> dict:
 
 
 # -- speed options: compiled networks and bf16 autocast against the eager float32 step ------------
-#: The variants of the speed section, as Config overrides (pyro_kpp.speed).
+#: The variants of the speed section, as Config overrides (pyro_kpp.train.speed).
 #: "defaults" is what ``pyro_kpp.svi`` runs with no speed option given (bf16 only where native).
 SPEED_VARIANTS = {"eager": {}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
                   "compile+bf16": {"compile": True, "precision": "bf16"},
@@ -278,7 +278,7 @@ EVALUATION_VARIANTS = {"eager": {}, "channels_last": {"channels_last": True},
 
 
 def _evaluation(ctx: Context) -> dict:
-    """Wall time of ``pyro_kpp.bound.evaluate`` (what ``python -m pyro_kpp.evaluate`` runs) over the
+    """Wall time of ``pyro_kpp.inference.bound.evaluate`` (what ``python -m pyro_kpp.evaluate`` runs) over the
     test episodes with S samples, for an untrained K++ at the CPU defaults: in the plain layout, in
     the default channels-last layout (as ``pyro_kpp.evaluate`` runs a default run), and so with
     ``--compile``. Evaluation is float32 whatever the training precision."""

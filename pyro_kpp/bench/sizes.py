@@ -1,6 +1,6 @@
 """What is benchmarked: model configurations at the two size presets, batches, steps.
 
-Presets (choice; every model shares the encoder and decoder classes of ``pyro_kpp.nets``):
+Presets (choice; every model shares the encoder and decoder classes of ``pyro_kpp.nets.conv``):
 
 * ``paper``: K++ Appendix E's sizes with the ``cpu`` networks: a 3 x 64 x 64 memory, K = 2
   reads, a writer with 256 base channels and dense heads of 512 units; KM and DKM with their
@@ -26,16 +26,16 @@ import pyro
 import torch
 from torch import nn
 
-from pyro_kpp import speed
-from pyro_kpp.bound import log_weights, make_elbo, training_loss
+from pyro_kpp.train import speed
+from pyro_kpp.inference.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.data import ImageData
-from pyro_kpp.episodes import Episodes
-from pyro_kpp.episodic import EpisodicModel
-from pyro_kpp.registry import MODELS, build_model
+from pyro_kpp.data.episodes import Episodes
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.models import MODELS, build_model
 
 MODEL_NAMES = tuple(MODELS)                         # kpp, km, dkm, vae
-#: The speed options off (pyro_kpp.speed): what the benchmark's figures are relative to.
+#: The speed options off (pyro_kpp.train.speed): what the benchmark's figures are relative to.
 PLAIN = dict(precision="fp32", channels_last=False, compile=False)
 PRESETS = {
     "paper": dict(writer_channels=256, hidden=512),
@@ -140,7 +140,7 @@ class Bench:
         return cls(fresh_model(cfg, data, device, shared_nets), batch(data, cfg, device))
 
     def __post_init__(self):
-        # as pyro_kpp.svi does (pyro_kpp.speed); empty where compilation is unavailable
+        # as pyro_kpp.svi does (pyro_kpp.train.speed); empty where compilation is unavailable
         cfg = self.model.cfg
         self.compiled = speed.prepare(self.model, cfg.precision, cfg.compile, self.x.device, cfg.channels_last)[0]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.model.cfg.lr)
@@ -172,7 +172,7 @@ class Bench:
 
     @torch.no_grad()
     def eval_step(self) -> None:
-        """One evaluation batch: the ELBO's log weights, as ``pyro_kpp.bound.evaluate`` computes them."""
+        """One evaluation batch: the ELBO's log weights, as ``pyro_kpp.inference.bound.evaluate`` computes them."""
         self.model.eval()
         log_weights(self.model, self.x, samples=1)
         self.model.train()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import Config
-from .data import resolve_data_dir
+from pyro_kpp.config import Config
+from pyro_kpp.data import resolve_data_dir
 
 # Options that may change when resuming a run (they do not change the model or data order).
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "max_nonfinite", "validate_every_step", "device",

@@ -1,4 +1,4 @@
-"""Episodes drawn from a data set (``pyro_kpp.data``).
+"""Episodes drawn from a data set (``pyro_kpp.data.sets``).
 
 :class:`Episodes` draws episodes of T images at random from a split, without class structure
 (the Kanerva Machine / Kanerva++ protocol), dynamically binarized for training and binarized
@@ -16,9 +16,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import Config
-from .data import TEST_SEED, DataError, ImageData, load_dataset
-from .likelihoods import LIKELIHOODS
+from pyro_kpp.config import Config
+from pyro_kpp.data.base import DataError, ImageData
+from pyro_kpp.data.sets import TEST_SEED, load_dataset
+from pyro_kpp.maths.likelihoods import LIKELIHOODS
 
 # Domain tags so that the seeds of different random streams never coincide.
 _TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
@@ -307,7 +308,7 @@ def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: i
 
 class _CallableModule(types.ModuleType):
     """This module, callable: ``pyro_kpp.episodes(...)`` is ``load_episodes(...)``, while
-    ``pyro_kpp.episodes.class_episodes`` and the other names stay reachable."""
+    ``pyro_kpp.data.episodes.class_episodes`` and the other names stay reachable."""
 
     def __call__(self, *args, **kwargs) -> Iterator[torch.Tensor]:
         return load_episodes(*args, **kwargs)

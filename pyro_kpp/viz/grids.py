@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from pyro import poutine
 
-from .episodic import EpisodicModel
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.inference.handlers import reuse_embedding
 
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
@@ -70,7 +71,7 @@ def reconstruction_rows(model: EpisodicModel, x: torch.Tensor, n: int = 16) -> l
        (posterior means), decode the prior mean code read at those keys (K++ §3.5).
     """
     x = x[:1]
-    with model.reuse_embedding():
+    with reuse_embedding():
         z = poutine.trace(model.guide).get_trace(x).nodes["z"]["value"]          # (1, T, L)
     through_guide = model.likelihood.mean(model.decode(z))[0, :n]
     memory = model.write(x)

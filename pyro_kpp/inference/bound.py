@@ -26,7 +26,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from .episodic import EpisodicModel
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.inference.handlers import foreign_memory, reuse_embedding
 
 PARTICLE_DIM = -3  # left of the episodes (-2) and images (-1) plates
 
@@ -46,7 +47,7 @@ class ScaleLatents(Messenger):
 
     The ELBO becomes E[ln p(x|z)] - beta * KL: a KL warm-up (beta < 1 early in training) that
     keeps the keys and codes from collapsing onto their priors before the memory has any
-    structure to offer them; ``sites={"keys": w}`` weights the key KL alone (pyro_kpp.schedules).
+    structure to offer them; ``sites={"keys": w}`` weights the key KL alone (pyro_kpp.inference.schedules).
     Observed sites (the data, the deterministic memory) are untouched.
     Only training uses it; every reported bound has every weight 1.
     """
@@ -75,7 +76,7 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
     model_fn, guide_fn = model.model, model.guide
     sites = {model.address_site: key_kl_scale} if model.address_site and key_kl_scale != 1.0 else {}
     if key_free_nats > 0:
-        with model.reuse_embedding():
+        with reuse_embedding():
             model_tr, guide_tr, _ = particle_traces(model, x, 1)      # one particle: (1, B, T)
         terms = {name: term.expand(1, *x.shape[:2]).mean()
                  for name, term in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
@@ -83,14 +84,14 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
         return terms.pop("reconstruction") + kl_scale * (sum(terms.values()) + keys)
     if kl_scale != 1.0 or sites:
         model_fn, guide_fn = ScaleLatents(kl_scale, sites)(model_fn), ScaleLatents(kl_scale, sites)(guide_fn)
-    with model.reuse_embedding():
+    with reuse_embedding():
         loss = elbo.differentiable_loss(model_fn, guide_fn, x)
     return loss / (x.shape[0] * x.shape[1])
 
 
 class TrainingLoss(nn.Module):
     """``training_loss`` of ``model`` as a module whose ``forward`` returns it: what
-    ``DistributedDataParallel`` wraps for data-parallel training (``pyro_kpp.distributed``)."""
+    ``DistributedDataParallel`` wraps for data-parallel training (``pyro_kpp.train.distributed``)."""
 
     def __init__(self, model: EpisodicModel, elbo):
         super().__init__()
@@ -150,7 +151,7 @@ def particle_traces(model: EpisodicModel, x: torch.Tensor, samples: int):
     """Guide and replayed model traces of ``samples`` vectorised particles, log-densities computed.
 
     Returns (model_trace, guide_trace, log_weights) with log_weights (S, B, T). Call it inside
-    ``model.reuse_embedding()`` so the particles share one encoder pass.
+    ``reuse_embedding()`` so the particles share one encoder pass.
     """
     B, T = x.shape[:2]
     with pyro.plate("particles", samples, dim=PARTICLE_DIM):
@@ -173,7 +174,7 @@ def _particles(model: EpisodicModel, x: torch.Tensor, samples: int, chunk: int =
     image-particles done after each pass."""
     B, T = x.shape[:2]
     lws, sums = [], {}
-    with model.reuse_embedding():
+    with reuse_embedding():
         for start in range(0, samples, chunk):
             model_tr, guide_tr, lw = particle_traces(model, x, min(chunk, samples - start))
             lws.append(lw)
@@ -280,7 +281,7 @@ def evaluate(model: EpisodicModel, batches, samples: int = 1, tick=None, on_log_
             replay.rewind()
             lw = _particles(model, x, k, tick=tick)[0]
         replay.rewind()
-        with model.foreign_memory():
+        with foreign_memory():
             lw_other, other_terms = _particles(model, x, k, tick=tick)
         gain_sum += float((lw[:k] - lw_other).mean(0).sum())
         gain_images += lw_other[0].numel()

@@ -8,8 +8,8 @@
   (Liu et al., 2020) between its layers (App. E "Decoder").
 
 The dense nets (3 linear layers of 512 units with spectral normalisation) are
-``pyro_kpp.nets.DenseNet``/``GaussianHead`` with ``spectral_norm=True``; the memory writer
-is ``pyro_kpp.nets.MemoryWriter`` with 256 base channels (``pyro_kpp.config.PRESET_DEFAULTS``).
+``pyro_kpp.nets.conv.DenseNet``/``GaussianHead`` with ``spectral_norm=True``; the memory writer
+is ``pyro_kpp.nets.conv.MemoryWriter`` with 256 base channels (``pyro_kpp.config.PRESET_DEFAULTS``).
 
 Choices where the paper is silent:
 
@@ -35,7 +35,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from .nets import decoder_start
+from pyro_kpp.nets.conv import decoder_start
 
 EVONORM_EPS = 1e-5
 
@@ -143,7 +143,7 @@ class EvoNormS0(nn.Module):
 class EvoNormDecoder(nn.Module):
     """p(x | z)'s network with EvoNormS0 between conv-transposes: (N, L) -> (N, C', H, W).
 
-    Same contract as ``pyro_kpp.nets.ConvDecoder`` (H and W multiples of 4).
+    Same contract as ``pyro_kpp.nets.conv.ConvDecoder`` (H and W multiples of 4).
     """
 
     def __init__(self, code_size: int, image_shape: tuple[int, int, int], out_channels: int,

@@ -1,7 +1,7 @@
 """Looking inside a trained model: posterior draws, KL terms, importance-weight diagnostics, read windows.
 
 * :func:`posterior_draws` runs the guide and the model (replayed on the guide's draws) under a
-  ``particles`` plate, as ``pyro_kpp.bound.log_weights`` does, and keeps from the *same* draws:
+  ``particles`` plate, as ``pyro_kpp.inference.bound.log_weights`` does, and keeps from the *same* draws:
   the samples of every latent site of the guide that lives in the ``images`` plate (for K++:
   the keys y and the codes z of q(y, z | X)), each image's KL term per latent site, and each
   image's log importance weight ln p(x_t, y, z | M) - ln q(y, z | X).
@@ -9,7 +9,7 @@
   the closed-form KL between the guide's and the model's distribution at a site, averaged over
   the particles (the model's distribution of z depends on the sampled keys). Sites without a
   closed form use the Monte Carlo estimate ln q - ln p. Episode-level sites (a latent memory)
-  are spread evenly over the episode's T images, as in ``pyro_kpp.bound``.
+  are spread evenly over the episode's T images, as in ``pyro_kpp.inference.bound``.
 * :func:`to_inference_data` turns the draws of one episode into an ArviZ ``InferenceData``
   (``az.from_dict``): group ``posterior`` with dims (chain, draw, image, *event dims) and
   group ``sample_stats`` with the log importance weights (chain, draw, image).
@@ -17,7 +17,7 @@
   importance weights: k < 0.5 means the guide is a good proposal for that image's posterior,
   k > 0.7 that importance-weighted estimates for it are unreliable (Vehtari et al., 2024).
 * :func:`window_rectangles` / :func:`draw_windows` / :func:`plot_memory`: where a K++ key reads
-  in the block memory (K++ §3.2 eq. 5, Appendix A; see ``pyro_kpp.spatial``).
+  in the block memory (K++ §3.2 eq. 5, Appendix A; see ``pyro_kpp.maths.spatial``).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.poutine.util import site_is_subsample
 
-from .bound import particle_traces
-from .episodic import EpisodicModel
-from .spatial import key_to_theta
+from pyro_kpp.inference.bound import particle_traces
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.maths.spatial import key_to_theta
+from pyro_kpp.inference.handlers import reuse_embedding
 
 
 @dataclass
@@ -65,7 +66,7 @@ def posterior_draws(model: EpisodicModel, x: torch.Tensor, samples: int = 100,
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        with model.reuse_embedding():
+        with reuse_embedding():
             model_tr, guide_tr, log_w = particle_traces(model, x, S)
     draws, kl = {}, {}
     for name, site in guide_tr.nodes.items():

@@ -20,7 +20,6 @@ distribution its program samples) and ``code_prior(memory, keys)``, the read p(z
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,12 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
+from pyro.poutine.runtime import effectful
 
-from .config import Config
-from .likelihoods import make_likelihood
-from .nets import build_decoder, build_encoder, over_leading
+from pyro_kpp.config import Config
+from pyro_kpp.maths.likelihoods import make_likelihood
+from pyro_kpp.nets.build import build_decoder, build_encoder
+from pyro_kpp.nets.conv import over_leading
 
 
 @dataclass
@@ -96,6 +97,26 @@ def _fits(value, shapes: tuple[tuple[int, ...], ...]) -> bool:
             and len({v.shape[0] for v in value}) == 1 and value[0].shape[0] >= 1)
 
 
+# -- effects: what instrumentation may change, as Pyro messages ---------------------------------
+# Handlers in ``pyro_kpp.inference.handlers`` act on these; the model object holds no such state.
+
+@effectful(type="episode_memory")
+def episode_memory(value):
+    """The memory that a program reads for its B episodes (a tensor or a tuple of tensors,
+    episodes first), as written. Without a handler it is the identity; the memory gain's
+    ``foreign_memory`` handler gives episode b the memory of episode b + 1 instead."""
+    return value
+
+
+@effectful(type="episode_cache")
+def episode_cached(model, x: torch.Tensor, what: str, compute):
+    """``compute()``: a per-episode result of ``model`` (its embedding E, a written memory).
+    Inside ``reuse_embedding`` it is computed once per episode tensor ``x`` and shared by guide,
+    model and every importance particle of one evaluation, so that they also read the same
+    stochastic write (KM)."""
+    return compute()
+
+
 def pyro_program(method):
     """Decorator for a model's ``model`` and ``guide``: every parameter of the model is registered
     with Pyro's param store first (see ``EpisodicModel.register_parameters``), so
@@ -120,10 +141,10 @@ class EpisodicModel(PyroModule):
 
     #: True when the memory is an episode-level latent variable with a prior and a posterior
     #: (DKM): the images of an episode then share a random memory, so importance weighting
-    #: must weight whole episodes (``pyro_kpp.bound.image_bounds``), not images one by one.
+    #: must weight whole episodes (``pyro_kpp.inference.bound.image_bounds``), not images one by one.
     memory_is_latent: bool = False
     #: The latent site of each image's key / address (K++ keys y, KM y, DKM w; None for the VAE):
-    #: its KL is reported on its own and may get a training-only weight (pyro_kpp.schedules).
+    #: its KL is reported on its own and may get a training-only weight (pyro_kpp.inference.schedules).
     address_site: str | None = None
     #: The keys' prior is N(0, key_scale^2 I) over ``key_shape()``; ``key_name`` names the keys in errors.
     key_scale: float = 1.0
@@ -134,10 +155,8 @@ class EpisodicModel(PyroModule):
         self.cfg = cfg
         self.likelihood = make_likelihood(cfg.likelihood)
         c = cfg.image_shape[0]
-        self.encoder = build_encoder(cfg)                    # by cfg.preset (pyro_kpp.nets)
+        self.encoder = build_encoder(cfg)                    # by cfg.preset (pyro_kpp.nets.conv)
         self.decoder = build_decoder(cfg, self.likelihood.out_channels(c))
-        self._embedding_cache: dict | None = None
-        self._memory_shift = 0
 
     def register_parameters(self) -> None:
         """Every parameter into Pyro's param store, named as ``PyroModule`` names its own:
@@ -216,66 +235,16 @@ class EpisodicModel(PyroModule):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """E = f_enc(X): (B, T, C, H, W) -> (B, T, D).
 
-        Inside ``reuse_embedding()`` the result is cached for the tensor ``x``: Pyro runs the
-        guide and then the model on the same episodes, and both need E (the guide for
-        q(y|X), q(z|X); the model for the memory write), so the encoder runs once per
-        ELBO evaluation instead of twice. Outside that context nothing is cached.
+        Computed through ``episode_cached``: inside ``pyro_kpp.inference.handlers.reuse_embedding``
+        the encoder runs once per episode tensor (Pyro runs the guide and then the model on the
+        same episodes, and both need E), outside it at every call.
         """
         def encode():
             self.check_episode(x)
             if self.encoder.mixes_episode:                       # TSM: needs the (B, T) structure
                 return self.encoder(x)                           # (B, T, D)
             return over_leading(self.encoder, x, 3)             # (B, T, D)
-        return self.cached(x, "E", encode)
-
-    def cached(self, x: torch.Tensor, name: str, compute):
-        """``compute()`` once per episode tensor ``x`` inside ``reuse_embedding()``, else at every call.
-
-        Besides E, models share other per-episode results this way: the Kanerva Machine's
-        written memory, so that guide and model, and all importance particles of one
-        evaluation, read the same stochastic write.
-        """
-        cache = self._embedding_cache
-        if cache is None:
-            return compute()
-        if cache.get("x") is not x:
-            cache.clear()
-            cache["x"] = x
-        if name not in cache:
-            cache[name] = compute()
-        return cache[name]
-
-    @contextlib.contextmanager
-    def reuse_embedding(self):
-        """Share one encoder pass between guide and model (see ``embed``)."""
-        previous = self._embedding_cache
-        self._embedding_cache = {}
-        try:
-            yield
-        finally:
-            self._embedding_cache = previous
-
-    # -- memory swapping: what the memory carries about its own episode ------------------------
-    @contextlib.contextmanager
-    def foreign_memory(self, shift: int = 1):
-        """Inside, every episode b of a batch is given the memory written from episode b + shift.
-
-        The bound computed inside, minus the bound outside, is the *memory gain*: the nats per
-        image that the memory written from an image's own episode is worth against one written
-        from another episode (``pyro_kpp.bound.evaluate``). Only the memory is swapped: the
-        encoder, keys and codes of each image are still its own, and the guide of a model whose
-        guide reads the memory (KM, DKM) reads the swapped one, so the bound is the best this
-        guide gives with that memory.
-        """
-        previous, self._memory_shift = self._memory_shift, shift
-        try:
-            yield
-        finally:
-            self._memory_shift = previous
-
-    def foreign(self, memory):
-        """``memory`` (a tensor or a tuple of tensors, episodes first) as ``foreign_memory`` wants it."""
-        return roll_episodes(memory, self._memory_shift) if self._memory_shift else memory
+        return episode_cached(self, x, "E", encode)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""

@@ -1,11 +1,11 @@
-"""Data sets (the episodes drawn from them: ``pyro_kpp.episodes``).
+"""Data sets (the episodes drawn from them: ``pyro_kpp.data.episodes``).
 
 ``load_dataset(name)`` returns an :class:`ImageData` with uint8 tensors of shape (N, C, H, W)
 whose grey level 255 means ink (a pen stroke, a garment, a digit) and 0 means background
 (CIFAR-10: the RGB intensities as they are).
 
 * ``omniglot``: the 28x28 Omniglot of Burda et al. (2016) as used by the Kanerva Machine papers,
-  under the protocol of ``pyro_kpp.omniglot``.
+  under the protocol of ``pyro_kpp.data.omniglot``.
 
 * ``fashion-mnist`` / ``mnist``: torchvision's files under ``<root>/FashionMNIST/raw`` and
   ``<root>/MNIST/raw``, with their native 60,000 / 10,000 split and class labels.
@@ -23,7 +23,6 @@ raises :class:`DataError` naming the folder, what was expected and what was foun
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -31,6 +30,9 @@ import pathlib
 
 import numpy as np
 import torch
+
+from pyro_kpp.data.base import DataError, ImageData, download, offline_mode, resolve_data_dir
+from pyro_kpp.data.omniglot import load_omniglot
 
 log = logging.getLogger(__name__)
 
@@ -46,117 +48,6 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 CIFAR10_SHAPE = (3, 32, 32)
-
-_OFFLINE_ENV = "PYRO_KPP_OFFLINE"
-_DATA_ENV = "PYRO_KPP_DATA"
-_CACHE_ENV = "PYRO_KPP_CACHE"
-
-
-class DataError(ValueError):
-    """A data problem the user can fix: names the argument/folder, what was expected and found."""
-
-
-# --------------------------------------------------------------------------------------------
-# Folders
-# --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> pathlib.Path:
-    """Folder for derived files: ``$PYRO_KPP_CACHE``, else ``$XDG_CACHE_HOME/pyro_kpp``, else
-    ``~/.cache/pyro_kpp``. Created on demand."""
-    if os.environ.get(_CACHE_ENV):
-        path = pathlib.Path(os.environ[_CACHE_ENV]).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-        path = pathlib.Path(base).expanduser() / "pyro_kpp"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(
-            f"cache folder {path} (from ${_CACHE_ENV} or the per-user cache) cannot be created: {e}; "
-            f"set ${_CACHE_ENV} to a writable folder"
-        ) from e
-    return path
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
-    """The data root: explicit ``data_dir`` > ``$PYRO_KPP_DATA`` > ``cache_dir()/"data"``.
-
-    The root is the folder that holds torchvision's per-data-set folders (``omniglot-py/``,
-    ``FashionMNIST/``, ``MNIST/``, ``cifar-10-batches-py/``). It is returned absolute but not created.
-    """
-    if data_dir is not None and str(data_dir) != "":
-        path = pathlib.Path(data_dir)
-    elif os.environ.get(_DATA_ENV):
-        path = pathlib.Path(os.environ[_DATA_ENV])
-    else:
-        path = cache_dir() / "data"
-    path = path.expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise DataError(f"data_dir (--data-dir): expected a folder, but {path} is a file")
-    return path
-
-
-def _offline(offline: bool | None) -> bool:
-    """``offline`` if given, else ``$PYRO_KPP_OFFLINE`` (1/true/yes/on), else False."""
-    if offline is not None:
-        return bool(offline)
-    raw = os.environ.get(_OFFLINE_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise DataError(f"${_OFFLINE_ENV}: expected 1/true/yes/on or 0/false/no/off, got {raw!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# The data container
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(repr=False)
-class ImageData:
-    """Both splits of a data set as uint8 (N, C, H, W) tensors, 255 = ink. Treat as read-only:
-    ``load_dataset`` returns the same object to every caller in a process."""
-
-    name: str
-    train: torch.Tensor
-    test: torch.Tensor
-    train_labels: torch.Tensor | None = None  # int64 (N_train,) class ids, if the set has them
-    test_labels: torch.Tensor | None = None  # int64 (N_test,)
-
-    def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            images = getattr(self, split)
-            if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-                raise DataError(
-                    f"ImageData.{split}: expected a uint8 tensor (N, C, H, W), got "
-                    f"{getattr(images, 'dtype', type(images).__name__)} of shape {tuple(getattr(images, 'shape', ()))}"
-                )
-            labels = getattr(self, f"{split}_labels")
-            if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
-                raise DataError(
-                    f"ImageData.{split}_labels: expected int64 of shape ({len(images)},), "
-                    f"got {labels.dtype} of shape {tuple(labels.shape)}"
-                )
-        if self.train.shape[1:] != self.test.shape[1:]:
-            raise DataError(
-                f"ImageData: train and test images differ in shape: "
-                f"{tuple(self.train.shape[1:])} vs {tuple(self.test.shape[1:])}"
-            )
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.train.shape[1:]
-        return (int(c), int(h), int(w))
-
-    def __repr__(self) -> str:
-        return (
-            f"ImageData(name={self.name!r}, train={len(self.train)}, test={len(self.test)}, "
-            f"image_shape={self.image_shape}, labels={self.train_labels is not None})"
-        )
-
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -177,9 +68,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, offlin
     root = resolve_data_dir(data_dir)
     key = (key_name, str(root))
     if key not in _MEMO:
-        from .omniglot import load_omniglot                 # here: it builds on this module
         loader = {"omniglot": load_omniglot, "cifar10": _load_cifar10}.get(key_name, _load_idx_dataset)
-        _MEMO[key] = loader(key_name, root, _offline(offline))
+        _MEMO[key] = loader(key_name, root, offline_mode(offline))
     return _MEMO[key]
 
 
@@ -197,19 +87,6 @@ def _check_name(name: str) -> str:
     return normal
 
 
-def _download(name: str, root: pathlib.Path, missing: str, layout: str, offline: bool, fetch) -> None:
-    """Run ``fetch()`` (a torchvision download) unless offline; turn every failure into a
-    DataError that says which folder to provide and in which layout."""
-    how = f"Provide them yourself, laid out as {layout} (or point --data-dir / ${_DATA_ENV} at a root that has it)"
-    if offline:
-        raise DataError(f"{name}: missing {missing}, and offline mode is on, so it is not downloaded. {how}.")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fetch()
-    except Exception as e:  # noqa: BLE001 - URLError, OSError, RuntimeError, BadZipFile, ...
-        raise DataError(f"{name}: missing {missing}, and downloading it failed ({type(e).__name__}: {e}). {how}.") from e
-
-
 # ---- Fashion-MNIST / MNIST -----------------------------------------------------------------
 
 
@@ -223,7 +100,7 @@ def _load_idx_dataset(name: str, root: pathlib.Path, offline: bool) -> ImageData
     # The uncompressed idx files torchvision checks for, e.g. train-images-idx3-ubyte.
     required = [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
     if not all((raw / f).is_file() for f in required):
-        _download(
+        download(
             name, root, f"files in folder {raw}", f"{raw}/{{{','.join(required)}}} (uncompressed idx files)", offline,
             lambda: [cls(str(root), train=t, download=True) for t in (True, False)],
         )
@@ -261,7 +138,7 @@ def _load_cifar10(name: str, root: pathlib.Path, offline: bool) -> ImageData:
 
             tvd.CIFAR10(str(root), train=True, download=True)
 
-        _download(name, root, f"files in folder {folder}", f"{folder}/{{{','.join(required)}}} "
+        download(name, root, f"files in folder {folder}", f"{folder}/{{{','.join(required)}}} "
                   f"(torchvision's pickled python batches)", offline, fetch)
     train = [_read_cifar10_batch(folder / f) for f in CIFAR10_TRAIN_BATCHES]
     test_x, test_y = _read_cifar10_batch(folder / CIFAR10_TEST_BATCH)

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT_NAME
+from pyro_kpp.train.checkpoint import CHECKPOINT_NAME
 
 #: What a run writes into its folder; any of them present means the folder holds a run.
 RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images", "curves.png")
@@ -217,7 +217,7 @@ def repair_metrics(path: Path, step: int) -> None:
 
 
 def data_fingerprint(data) -> dict:
-    """Split sizes and a hash of every image of a ``pyro_kpp.data.ImageData``.
+    """Split sizes and a hash of every image of a ``pyro_kpp.data.sets.ImageData``.
 
     Saved in each checkpoint: a resumed run must see the data it started with, and a folder
     swapped for another (or a data set re-split) changes the hash. Hashing the pixels rather

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..episodic import EpisodicModel, Memory
+from pyro_kpp.models.base import EpisodicModel, Memory
 
 FEEDBACKS = ("sample", "threshold")
 PERTURBATION_STD = 0.1  # K++ §4.1.1
@@ -70,7 +70,7 @@ class IterativeReading:
         return self.model.likelihood.mean(self.params)
 
 
-def _check_positive(argname: str, value) -> int:
+def check_positive(argname: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argname}: expected a positive integer, got {value!r}")
     return value
@@ -105,7 +105,7 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
     memory is only read, never written. Returns every step (see :class:`IterativeReading`).
     """
     _check_memory(model, memory)
-    _check_positive("steps", steps)
+    check_positive("steps", steps)
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback: expected one of {FEEDBACKS}, got {feedback!r}")
     model.check_episode(x, "x")
@@ -151,7 +151,7 @@ def perturbed_keys(keys: torch.Tensor, n: int, std: float = PERTURBATION_STD,
     keys: (B, N, *key_shape) -> (B, N * n, *key_shape); perturbations of key j are rows
     j * n .. j * n + n - 1.
     """
-    _check_positive("n", n)
+    check_positive("n", n)
     if not 0 <= std < math.inf:
         raise ValueError(f"std: expected a finite, non-negative standard deviation, got {std!r}")
     base = keys.repeat_interleave(n, dim=1)
@@ -179,55 +179,3 @@ def interpolate(model: EpisodicModel, memory: Memory, x: torch.Tensor, i: int, j
             raise ValueError(f"{name}: expected an image index in 0..{T - 1}, got {idx!r}")
     keys = model.infer_keys(x, memory)                            # (B, T, *key_shape)
     return model.generate(memory, interpolate_keys(keys[:, i], keys[:, j], n), sample_z=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures; the command line ``python -m pyro_kpp.generation RUN_DIR MODE --out FIGURE.png`` is in
-# __main__.py, so that running it does not execute this module a second time (runpy's warning)
-# ---------------------------------------------------------------------------------------------
-
-MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")
-
-
-@torch.no_grad()
-def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, steps: int = 10,
-                feedback: str = "sample", std: float = PERTURBATION_STD,
-                generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[str]]:
-    """Image rows and their labels for one of ``MODES``, read from the memory of the first episode of x.
-
-    * random: the episode, then 4 rows of generations from prior keys (K++ Fig. 8);
-    * perturbed: 4 rows, each n perturbations y + eps of one prior key (K++ Fig. 7);
-    * clean-up: generations from prior keys, then each clean-up step (K++ Fig. 6 left);
-    * one-shot: as clean-up, under the conditioning episode (KM Fig. 4, for x from
-      ``pyro_kpp.episodes.class_episodes``);
-    * interpolate: up to 4 rows between the keys of images (0, 1), (2, 3), ... (KM §4.3);
-    * iterative-read: the episode, then each step of reading it iteratively (K++ eq. 7).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    _check_positive("n", n)
-    mean = model.likelihood.mean
-    x = x[:1]
-    memory = model.write(x)
-    if mode == "random":
-        keys = model.prior_keys(memory, n * 4, generator=generator)
-        probs = mean(model.generate(memory, keys, sample_z=False))[0]
-        return [x[0, :n], *probs.split(n)], ["episode", "random keys", "", "", ""]
-    if mode == "perturbed":
-        base = model.prior_keys(memory, 4, generator=generator)
-        probs = mean(model.generate(memory, perturbed_keys(base, n, std, generator), sample_z=False))[0]
-        return list(probs.split(n)), [f"key {r} + noise ({std})" for r in range(4)]
-    if mode in ("clean-up", "one-shot"):
-        keys = model.prior_keys(memory, n, generator=generator)
-        probs = mean(clean_up(model, memory, keys, steps, feedback, generator=generator))[:, 0]
-        head = [x[0, :n]] if mode == "one-shot" else []
-        return head + list(probs), ["episode"] * len(head) + ["random keys"] + [
-            f"step {s}" for s in range(1, steps + 1)]
-    if mode == "interpolate":
-        if x.shape[1] < 2:
-            raise ValueError(f"x: interpolate needs episodes of at least 2 images, got {x.shape[1]}")
-        pairs = [(2 * r, 2 * r + 1) for r in range(min(4, x.shape[1] // 2))]
-        rows = [mean(interpolate(model, memory, x, a, b, n))[0] for a, b in pairs]
-        return rows, [f"image {a} -> {b}" for a, b in pairs]
-    reading = iterative_read(model, memory, x, steps, feedback, generator=generator)
-    return [x[0, :n], *reading.means()[:, 0, :n]], ["episode"] + [f"step {s}" for s in range(1, steps + 1)]

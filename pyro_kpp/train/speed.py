@@ -2,7 +2,7 @@
 the channels-last layout (``--channels-last``, on by default).
 
 None changes the model, its parameters' names or what a checkpoint holds, so all may change on
-resume; every evaluation (``pyro_kpp.bound.evaluate``) runs in float32 whatever the training
+resume; every evaluation (``pyro_kpp.inference.bound.evaluate``) runs in float32 whatever the training
 precision, so a reported bound never depends on them.
 
 * ``compile_networks`` compiles each network of a model with ``torch.compile`` in place

@@ -1,6 +1,6 @@
 """What a written memory holds about its own episode, beyond the bound's memory gain.
 
-``pyro_kpp.bound.evaluate`` measures the memory gain (the bound with another episode's memory
+``pyro_kpp.inference.bound.evaluate`` measures the memory gain (the bound with another episode's memory
 minus the bound with the episode's own). This module adds two diagnostics that say *why*:
 
 * ``read_nll``: the negative log-likelihood of each image under a plain memory read, the prior
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .episodic import EpisodicModel, Memory, roll_episodes
+from pyro_kpp.models.base import EpisodicModel, Memory, roll_episodes
 
 
 def _first(value) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Training-only weights of the KL terms, by optimizer step (``pyro_kpp.bound.ScaleLatents``).
+"""Training-only weights of the KL terms, by optimizer step (``pyro_kpp.inference.bound.ScaleLatents``).
 
 Neither ever touches a reported figure: every bound that is printed or logged as a bound
 weights every KL by 1.
@@ -10,7 +10,7 @@ weights every KL by 1.
 * ``key_kl_weight``: an extra weight on the key / address KL alone (K++ keys y, KM addresses y,
   DKM addresses w): ``key_kl_start`` for ``key_kl_hold`` steps, then a cosine ramp to 1 over
   ``key_kl_ramp`` steps.
-* ``key_free_nats``: free nats of the key KL (``pyro_kpp.bound.training_loss``), on the same
+* ``key_free_nats``: free nats of the key KL (``pyro_kpp.inference.bound.training_loss``), on the same
   hold-then-ramp schedule, falling to 0. Why (the README's "Memory use" section has the measurements): with the
   honest price from the start, the keys collapse onto their prior before the memory holds
   anything worth addressing; a sustained phase of cheap keys lets the images spread their keys
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from .config import Config
+from pyro_kpp.config import Config
 
 
 def kl_weight(cfg: Config, step: int) -> float:

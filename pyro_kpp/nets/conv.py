@@ -2,9 +2,8 @@
 
 The CPU defaults (``Config.preset == "cpu"``) are small convolutional stacks (ELU
 activations). The paper's TSM-ResNet18 encoder and EvoNormS0 decoder (K++ Appendix E,
-``pyro_kpp.paper_nets``) are far too slow for a 2-core CPU and come with ``preset="paper"``.
-Every model in this package builds its encoder and decoder with ``build_encoder`` and
-``build_decoder``, so comparisons between K++, KM, DKM and the VAE isolate the memory.
+``pyro_kpp.nets.paper``) are far too slow for a 2-core CPU and come with ``preset="paper"``.
+Every model in this package builds its encoder and decoder with ``pyro_kpp.nets.build``, so comparisons between K++, KM, DKM and the VAE isolate the memory.
 """
 from __future__ import annotations
 
@@ -163,25 +162,3 @@ class MemoryWriter(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.deconvs(self.fc(pooled).reshape(-1, *self.start))
-
-
-# -- the preset's networks (Config.preset) ------------------------------------------------------
-def build_encoder(cfg) -> nn.Module:
-    """f_enc for ``cfg.preset``: ConvEncoder ("cpu") or the TSM-ResNet18 of K++ App. E ("paper")."""
-    if cfg.preset == "paper":
-        from .paper_nets import TSMResNet18Encoder   # torchvision is imported only when needed
-        return TSMResNet18Encoder(cfg.image_shape, cfg.embed_size)
-    return ConvEncoder(cfg.image_shape, cfg.embed_size)
-
-
-def build_decoder(cfg, out_channels: int) -> nn.Module:
-    """p(x | z)'s network for ``cfg.preset``: ConvDecoder ("cpu") or EvoNormDecoder ("paper")."""
-    if cfg.preset == "paper":
-        from .paper_nets import EvoNormDecoder
-        return EvoNormDecoder(cfg.code_size, cfg.image_shape, out_channels)
-    return ConvDecoder(cfg.code_size, cfg.image_shape, out_channels)
-
-
-def dense_spectral_norm(cfg) -> bool:
-    """Whether the dense heads use spectral normalisation: only in the paper preset (App. E)."""
-    return cfg.preset == "paper"

@@ -30,8 +30,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import Config
-from .paper_nets import EvoNormS0
+from pyro_kpp.config import Config
+from pyro_kpp.nets.paper import EvoNormS0
 
 PAPER_WEIGHT_DECAY = 1e-3
 PAPER_WARMUP_EPOCHS = 10

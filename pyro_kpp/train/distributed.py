@@ -12,7 +12,7 @@ Choices (the papers train on one device and say nothing about this):
   global batch (same seed, same order, same binarization) and trains on its slice of B/W
   episodes, so the data of a W-rank run are exactly those of a single process.
 * Gradients are averaged by ``torch.nn.parallel.DistributedDataParallel`` (:meth:`World.
-  data_parallel`), wrapping ``pyro_kpp.bound.TrainingLoss``, a small module whose ``forward``
+  data_parallel`), wrapping ``pyro_kpp.inference.bound.TrainingLoss``, a small module whose ``forward``
   returns the training loss (Pyro's ELBO calls the model's ``model``/``guide`` inside it, so
   DDP's hooks see every parameter's gradient): bucketed all-reduces overlapped with
   ``backward``, rank 0's weights broadcast at the start and its buffers at every step. With
@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import rng_state, set_rng_state
-from .device import resolve_device
+from pyro_kpp.train.checkpoint import rng_state, set_rng_state
+from pyro_kpp.train.device import resolve_device
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 import pyro.distributions as dist
 import torch
 
-from .dmol import LEVELS, DiscretizedLogisticMixture, eight_bit, params_per_component
+from pyro_kpp.maths.dmol import LEVELS, DiscretizedLogisticMixture, eight_bit, params_per_component
 
 #: Mixture components per pixel of the discretized logistic likelihood. The K++ paper does not
 #: give its number; PixelCNN++ uses 10. We use 5 for the CPU: the likelihood's cost grows with it
@@ -50,13 +50,13 @@ class Bernoulli:
             bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
             raise ValueError(
                 f"{argname}: the Bernoulli likelihood needs binary pixels (0 or 1), got values "
-                f"such as {bad}; binarize the data first (pyro_kpp.episodes.Episodes does)"
+                f"such as {bad}; binarize the data first (pyro_kpp.data.episodes.Episodes does)"
             )
 
 
 class DiscretizedLogistics:
     """8-bit images (values k/255 in [0, 1]) under a mixture of discretized logistics
-    (``pyro_kpp.dmol``, Salimans et al. 2017) with ``DMOL_COMPONENTS`` components per pixel."""
+    (``pyro_kpp.maths.dmol``, Salimans et al. 2017) with ``DMOL_COMPONENTS`` components per pixel."""
 
     name = "dmol"
     binarized = False
@@ -80,7 +80,7 @@ class DiscretizedLogistics:
             bad = x[~ok].flatten()[:3].tolist()
             raise ValueError(
                 f"{argname}: the dmol likelihood needs 8-bit images, values k/{LEVELS - 1} for integers k in "
-                f"0..{LEVELS - 1} (uint8 / {LEVELS - 1}), got values such as {bad}; pyro_kpp.episodes.Episodes "
+                f"0..{LEVELS - 1} (uint8 / {LEVELS - 1}), got values such as {bad}; pyro_kpp.data.episodes.Episodes "
                 f"gives them with binarize=False"
             )
 

@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 import torch
 
-from .data import DataError, ImageData, _download, cache_dir
+from pyro_kpp.data.base import DataError, ImageData, cache_dir, download
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_omniglot(name: str, root: pathlib.Path, offline: bool) -> ImageData:
     folder = root / OMNIGLOT_FOLDER
     missing = [folder / s for s in OMNIGLOT_SPLITS if not (folder / s).is_dir()]
     if missing:
-        _download(
+        download(
             name, root, " and ".join(f"folder {m}" for m in missing),
             f"{folder}/{{{','.join(OMNIGLOT_SPLITS)}}}/<Alphabet>/characterNN/CCCC_DD.png", offline,
             _omniglot_fetch(root),

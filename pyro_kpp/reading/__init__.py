@@ -1,0 +1,1 @@
+"""Reading from a fixed memory: iterative reading, clean-up, interpolation (``iterative.py``)."""

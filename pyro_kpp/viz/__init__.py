@@ -1,0 +1,2 @@
+"""Figures: image grids of reconstructions and samples (``grids.py``) and training curves
+(``curves.py``)."""

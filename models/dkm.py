@@ -1,8 +1,8 @@
 """The Dynamic Kanerva Machine as a Pyro program (Wu, Wayne, Gregor & Lillicrap, NeurIPS 2018).
 
 It keeps the Kanerva Machine's matrix-normal memory and replaces its learned addresses by
-addresses solved against the memory (see /work/shared/papers/DKM.md). Generative program for B
-episodes of T images, the memory K x L (K = ``slots``, L = ``code_size``):
+addresses solved against the memory ("Learning Attractor Dynamics for Generative Memory", §2-3).
+Generative program for B episodes of T images, the memory K x L (K = ``slots``, L = ``code_size``):
 
     M ~ MN(R0, U0, I_L)              learned R0, full U0 (``pyro_kpp.models.km.MemoryPrior``)
     w_t ~ N(0, sigma_w0^2 I_K)       sigma_w0 = 1

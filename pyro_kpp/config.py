@@ -13,9 +13,12 @@ from typing import Callable
 
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
 from pyro_kpp.maths.spatial import KEY_MAPS
-from pyro_kpp.train.speed import PRECISIONS
 
 CONFIG_VERSION = 4
+
+#: Training precisions: "auto" (the default) is bf16 where the device computes it natively
+#: (``pyro_kpp.train.speed.bf16_native``) and float32 elsewhere; "fp32" and "bf16" force one.
+PRECISIONS = ("auto", "fp32", "bf16")
 #: Explicit upgrades of saved configs: MIGRATIONS[v] maps a version-v dict to a version-(v + 1)
 #: one, e.g. adding a new field with the value that reproduces what older code did. A field a
 #: saved config lacks is otherwise an error, never filled in silently with today's default.

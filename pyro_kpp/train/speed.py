@@ -34,9 +34,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-#: Training precisions: "auto" (the default) is bf16 where the device computes it natively
-#: (``bf16_native``) and float32 elsewhere; "fp32" and "bf16" force one.
-PRECISIONS = ("auto", "fp32", "bf16")
+from pyro_kpp.config import PRECISIONS  # noqa: F401 (the option's values, defined with the option)
+
 #: torch.compile's backend. Tests of the plumbing around compilation (the benchmark's sections)
 #: set "aot_eager", which traces the same graphs without generating code, to save minutes.
 BACKEND = "inductor"

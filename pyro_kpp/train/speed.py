@@ -34,7 +34,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_kpp.config import PRECISIONS  # noqa: F401 (the option's values, defined with the option)
+from pyro_kpp.config import PRECISIONS
 
 #: torch.compile's backend. Tests of the plumbing around compilation (the benchmark's sections)
 #: set "aot_eager", which traces the same graphs without generating code, to save minutes.

@@ -142,7 +142,7 @@ class Config:
                          "loss; fp32; auto = bf16 where the device computes it natively (AVX512-BF16, AMX, "
                          "CUDA), else fp32. Evaluation is always float32", choices=PRECISIONS)
     channels_last: bool = opt(True, "the networks' weights and feature maps in channels-last (NHWC) layout "
-                              "(K++ steps 1.03-1.13x faster on our CPU in float32, 1.08-1.11x in bf16)")
+                              "(faster on CPUs with oneDNN; docs/benchmarks.md has measured ratios)")
     clip_norm: float = opt(100.0, "global gradient-norm clip, 0 = off")
     max_nonfinite: int = opt(10, "stop after this many non-finite losses or gradients in a row, each skipped")
     # Pyro's validation (shape and argument checks) and our input value checks run on the first

@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-dir", default=None, help="data root (None: the run's, stored in its config)")
     p.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
-    p.add_argument("--compile", action="store_true", help="compile the networks with torch.compile (1.4x "
-                                                           "faster over the test split for a run in the plain layout, "
-                                                           "no faster in the default channels-last one; float32 "
-                                                           "either way)")
+    p.add_argument("--compile", action="store_true", help="compile the networks with torch.compile "
+                                                           "(float32 either way; docs/benchmarks.md has measured "
+                                                           "ratios)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--json implies it)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
-"""The VAE baseline: trace shapes, the bound against a hand computation, a memory that carries
-nothing, and learning on real Omniglot (the CLI / API run is in test_km.py with KM and DKM)."""
+"""The VAE baseline: the bound against a hand computation and a memory that carries nothing
+(trace shapes and the learning smoke test: test_models.py; the CLI / API run is in test_km.py
+with KM and DKM)."""
 from __future__ import annotations
 
 import pyro
@@ -8,29 +9,13 @@ import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, Normal
 
-from pyro_kpp.bound import PARTICLE_DIM, log_weights
+from pyro_kpp.bound import log_weights
 from pyro_kpp.registry import build_model
 
 from helpers import tiny_config
-from test_km import episode, learns_on_omniglot, site_plates, site_shapes
+from test_km import episode
 
 VAE = dict(model="vae")
-
-
-def test_model_and_guide_trace_shapes():
-    model = build_model(tiny_config(**VAE))
-    x = episode()
-    guide_tr = poutine.trace(model.guide).get_trace(x)
-    model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
-    assert site_shapes(guide_tr) == {"z": ((2, 4), (8,))}
-    assert site_shapes(model_tr) == {"z": ((2, 4), (8,)), "x": ((2, 4), (1, 28, 28))}
-    assert site_plates(model_tr) == {"z": {"episodes", "images"}, "x": {"episodes", "images"}}
-    with pyro.plate("particles", 3, dim=PARTICLE_DIM):
-        guide_tr = poutine.trace(model.guide).get_trace(x)
-        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x)
-    model_tr.compute_log_prob()
-    assert model_tr.nodes["x"]["log_prob"].shape == (3, 2, 4)
-    assert model_tr.nodes["z"]["log_prob"].shape == (3, 2, 4)
 
 
 def test_log_weights_equal_the_hand_computation():
@@ -61,8 +46,3 @@ def test_memory_carries_nothing():
     torch.testing.assert_close(model.generate(a, keys_a), model.decode(keys_a))
     with pytest.raises(ValueError, match=r"keys: expected codes z of shape \(2, N, 8\)"):
         model.generate(a, torch.zeros(2, 5, 7))
-
-
-def test_bound_decreases_on_real_omniglot(omniglot):
-    before, after = learns_on_omniglot(omniglot, tiny_config(**VAE, episode_length=8, batch_size=4))
-    assert after < before - 100, (before, after)

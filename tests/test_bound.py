@@ -97,6 +97,22 @@ def test_reported_per_image_bound_divides_by_T_exactly_once():
     assert abs(kl_divided_twice.item() - honest.item()) > 10.0
 
 
+@pytest.mark.parametrize("write", ["blocks", "pooled"])
+def test_each_reported_term_is_the_hand_computation(write):
+    """The key KL, the code KL (against p(z | M, y) read from the hand-written memory) and the
+    reconstruction, one by one, in nats/image."""
+    model, x = _setup(kpp_write=write, kpp_block_res=2)
+    pyro.set_rng_seed(7)
+    terms = evaluate(model, [x], samples=1)["terms"]
+    pyro.set_rng_seed(7)
+    tr = poutine.trace(model.guide).get_trace(x)                            # same draws
+    log_p_x, kl_z, kl_y = _hand_terms(model, x, tr.nodes["keys"]["value"], tr.nodes["z"]["value"])
+    hand = {"reconstruction": -log_p_x, "code_kl": kl_z, "key_kl": kl_y}
+    assert set(terms) == set(hand)
+    for name, term in hand.items():
+        assert math.isclose(terms[name], term.mean().item(), rel_tol=1e-4, abs_tol=1e-3), (name, terms, hand)
+
+
 def test_pyro_trace_elbo_matches_the_summed_log_weights():
     model, x = _setup()
     pyro.set_rng_seed(11)

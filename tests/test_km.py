@@ -15,7 +15,7 @@ from torch.distributions import Bernoulli, Normal
 import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.bound import PARTICLE_DIM, log_weights
+from pyro_kpp.bound import PARTICLE_DIM, evaluate, log_weights
 from pyro_kpp.data import load_dataset
 from pyro_kpp import episodes as episodes_lib
 from pyro_kpp.registry import build_model
@@ -109,8 +109,9 @@ def test_one_written_memory_per_evaluation():
     assert not torch.allclose(fresh, memory_again)
 
 
-def test_log_weights_equal_the_hand_computation():
-    """ln p(x_t|z_t) + ln p(z_t|y_t,M) + ln p(y_t) - ln q(z_t|x_t,y_t,M) - ln q(y_t|x_t) (eq. 12)."""
+def test_log_weights_and_each_term_equal_the_hand_computation():
+    """ln p(x_t|z_t) + ln p(z_t|y_t,M) + ln p(y_t) - ln q(z_t|x_t,y_t,M) - ln q(y_t|x_t) (eq. 12),
+    and the reported terms one by one: the address KL, the code KL, the reconstruction."""
     torch.manual_seed(0)
     model = build_model(tiny_config(**KM)).eval()
     x = episode(B=3, T=5)
@@ -126,11 +127,17 @@ def test_log_weights_equal_the_hand_computation():
     readout = torch.einsum("btk,bkl->btl", w, R)
     y_loc, y_scale = model.q.address_head(E)
     z_loc, z_scale = model.q.code_head(torch.cat([E, readout], -1))
-    log_q = Normal(y_loc, y_scale).log_prob(y).sum(-1) + Normal(z_loc, z_scale).log_prob(z).sum(-1)
-    log_p = Normal(0.0, 1.0).log_prob(y).sum(-1) + Normal(readout, 1.0).log_prob(z).sum(-1)
+    kl_y = Normal(y_loc, y_scale).log_prob(y).sum(-1) - Normal(0.0, 1.0).log_prob(y).sum(-1)
+    kl_z = Normal(z_loc, z_scale).log_prob(z).sum(-1) - Normal(readout, 1.0).log_prob(z).sum(-1)
     logits = model.decoder(z.flatten(0, 1)).reshape(x.shape)
-    log_p = log_p + Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
-    torch.testing.assert_close(lw, log_p - log_q, rtol=1e-5, atol=1e-3)
+    log_p_x = Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
+    torch.testing.assert_close(lw, log_p_x - kl_y - kl_z, rtol=1e-5, atol=1e-3)
+    pyro.set_rng_seed(7)
+    terms = evaluate(model, [x], samples=1)["terms"]                         # nats/image
+    hand = {"reconstruction": -log_p_x, "key_kl": kl_y, "code_kl": kl_z, "memory_kl": torch.zeros(())}
+    assert set(terms) == set(hand)                                          # the written memory: 0 nats
+    for name, term in hand.items():
+        assert math.isclose(terms[name], term.mean().item(), rel_tol=1e-5, abs_tol=1e-4), name
 
 
 def test_distribution_read_adds_the_memory_uncertainty():

@@ -3,13 +3,15 @@
 with KM and DKM)."""
 from __future__ import annotations
 
+import math
+
 import pyro
 import pytest
 import torch
 from pyro import poutine
 from torch.distributions import Bernoulli, Normal
 
-from pyro_kpp.bound import log_weights
+from pyro_kpp.bound import evaluate, log_weights
 from pyro_kpp.registry import build_model
 
 from helpers import tiny_config
@@ -18,8 +20,9 @@ from test_km import episode
 VAE = dict(model="vae")
 
 
-def test_log_weights_equal_the_hand_computation():
-    """ln p(x_t|z_t) + ln N(z_t; 0, I) - ln q(z_t|x_t), per image (KM eq. 1)."""
+def test_log_weights_and_each_term_equal_the_hand_computation():
+    """ln p(x_t|z_t) + ln N(z_t; 0, I) - ln q(z_t|x_t), per image (KM eq. 1), and the reported
+    terms: the reconstruction and the code KL, the only KL (no keys, no memory)."""
     torch.manual_seed(0)
     model = build_model(tiny_config(**VAE))
     x = episode(B=3, T=5)
@@ -30,9 +33,14 @@ def test_log_weights_equal_the_hand_computation():
     E = model.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
     z_loc, z_scale = model.q.code_head(E)
     logits = model.decoder(z.flatten(0, 1)).reshape(x.shape)
-    expected = (Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
-                + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(z_loc, z_scale).log_prob(z).sum(-1))
-    torch.testing.assert_close(lw, expected, rtol=1e-5, atol=1e-3)
+    log_p_x = Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
+    kl_z = Normal(z_loc, z_scale).log_prob(z).sum(-1) - Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(lw, log_p_x - kl_z, rtol=1e-5, atol=1e-3)
+    pyro.set_rng_seed(7)
+    terms = evaluate(model, [x], samples=1)["terms"]                         # nats/image
+    assert set(terms) == {"reconstruction", "code_kl"}
+    assert math.isclose(terms["reconstruction"], -log_p_x.mean().item(), rel_tol=1e-5)
+    assert math.isclose(terms["code_kl"], kl_z.mean().item(), rel_tol=1e-4, abs_tol=1e-4)
 
 
 def test_memory_carries_nothing():

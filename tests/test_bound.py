@@ -47,7 +47,8 @@ def _hand_terms(model, x, keys, z, analytic=False):
     q_y, p_y = Normal(key_loc, key_scale), Normal(0.0, 1.0)
     windows = model.reader(memory, keys)                                   # (B, T, K, C, h, w)
     prior_loc, prior_scale = model.prior_net(windows.flatten(2, 3).flatten(0, 1))
-    q_z, p_z = Normal(z_loc, z_scale), Normal(prior_loc.unflatten(0, z.shape[:2]), prior_scale.unflatten(0, z.shape[:2]))
+    prior_loc, prior_scale = (t.unflatten(0, z.shape[:2]) for t in (prior_loc, prior_scale))   # (B, T, L)
+    q_z, p_z = Normal(z_loc, z_scale), Normal(prior_loc, prior_scale)
     logits = model.decoder(z.flatten(0, 1)).reshape(x.shape)
     log_p_x = Bernoulli(logits=logits).log_prob(x).sum((-1, -2, -3))
     if analytic:

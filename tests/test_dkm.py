@@ -144,7 +144,8 @@ def test_memory_kl_enters_the_per_image_bound_once_per_episode(elbo):
                 "code_kl": 0.0}                                             # q(z | w, M) is p(z | w, M)
         assert set(reported["terms"]) == set(hand)
         for name, term in hand.items():
-            assert math.isclose(reported["terms"][name], float(torch.as_tensor(term).detach()), rel_tol=1e-9, abs_tol=1e-9), name
+            expected = float(torch.as_tensor(term).detach())
+            assert math.isclose(reported["terms"][name], expected, rel_tol=1e-9, abs_tol=1e-9), name
     assert abs(kl_divided_twice.item() - honest.item()) > 5.0
 
 

@@ -10,12 +10,12 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from torch.distributions import Bernoulli, Normal
+from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.bound import PARTICLE_DIM, evaluate, log_weights
+from pyro_kpp.bound import PARTICLE_DIM, evaluate, log_weights, make_elbo
 from pyro_kpp.data import load_dataset
 from pyro_kpp import episodes as episodes_lib
 from pyro_kpp.registry import build_model
@@ -138,6 +138,30 @@ def test_log_weights_and_each_term_equal_the_hand_computation():
     assert set(terms) == set(hand)                                          # the written memory: 0 nats
     for name, term in hand.items():
         assert math.isclose(terms[name], term.mean().item(), rel_tol=1e-5, abs_tol=1e-4), name
+
+
+def test_meanfield_loss_charges_the_closed_form_kls():
+    """TraceMeanField_ELBO's loss (summed over the images) is -ln p(x|z) + KL(q(y|x) || N(0, I))
+    + KL(q(z|x,y,M) || N(w^T R, I)), both by kl_divergence at the same draws (the memory the guide
+    wrote, the address drawn): to 0.05 nats, well under either KL."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**KM)).eval()
+    x = episode(B=3, T=5)
+    with torch.no_grad():
+        pyro.set_rng_seed(7)
+        loss = make_elbo("meanfield").loss(model.model, model.guide, x)
+        pyro.set_rng_seed(7)
+        tr = poutine.trace(model.guide).get_trace(x)                        # the same draws
+        R, y, z = tr.nodes["memory"]["value"][:, 0], tr.nodes["y"]["value"], tr.nodes["z"]["value"]
+        E = model.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        w = model.key_net(y) @ torch.nn.functional.normalize(model.addresses_raw, dim=-1).T    # (B, T, K)
+        readout = torch.einsum("btk,bkl->btl", w, R)
+        kl_y = kl_divergence(Normal(*model.q.address_head(E)), Normal(0.0, 1.0)).sum(-1)
+        kl_z = kl_divergence(Normal(*model.q.code_head(torch.cat([E, readout], -1))), Normal(readout, 1.0)).sum(-1)
+        log_p_x = Bernoulli(logits=model.decoder(z.flatten(0, 1)).reshape(x.shape)).log_prob(x).sum((-1, -2, -3))
+    assert kl_y.sum() > 0.5 and kl_z.sum() > 0.5, (kl_y.sum(), kl_z.sum())
+    hand = (kl_y + kl_z - log_p_x).sum().item()
+    assert abs(loss - hand) < 0.05, (loss, hand)
 
 
 def test_distribution_read_adds_the_memory_uncertainty():

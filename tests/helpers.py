@@ -5,6 +5,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from pyro.poutine.util import site_is_subsample
 
 from pyro_kpp.config import Config
 
@@ -15,6 +16,19 @@ TINY = dict(memory_shape=(3, 16, 16), window=8, writer_channels=16, code_size=8,
 
 def tiny_config(**overrides) -> Config:
     return Config(**{**TINY, **overrides})
+
+
+def site_shapes(trace) -> dict[str, tuple[tuple, tuple]]:
+    """{sample site: (batch_shape, event_shape)} of a Pyro trace, plates' subsample sites left out."""
+    return {name: (tuple(site["fn"].batch_shape), tuple(site["fn"].event_shape))
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
+
+
+def site_plates(trace) -> dict[str, set[str]]:
+    """{sample site: names of the plates it is in} of a Pyro trace."""
+    return {name: {f.name for f in site["cond_indep_stack"]} for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
 
 
 def tiny_cli_args(**overrides) -> list[str]:

@@ -131,6 +131,7 @@ def _steps(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_follow_one_process_and_resume(tmp_path):
     data = tmp_path / "data"

@@ -188,9 +188,6 @@ def test_validation_shapes_and_expand():
 
 
 def test_bits_per_dim():
-    # A uniform distribution over 256 levels costs D ln 256 nats: 8 bits per sub-pixel.
-    assert bits_per_dim(3 * 32 * 32 * math.log(256), (3, 32, 32)) == pytest.approx(8.0)
-    assert bits_per_dim(784 * math.log(2) * 3.4, (1, 28, 28)) == pytest.approx(3.4)
     # bits/dim of an image is -log2 P(image) / D: here from the direct float64 probabilities.
     d = random_mixture((), K=2, C=1, H=2, W=3, seed=5)
     x = torch.randint(0, LEVELS, (1, 2, 3), generator=torch.Generator().manual_seed(2)).to(F64) / 255
@@ -258,8 +255,9 @@ def test_sampling_returns_8_bit_images():
     assert mean.dtype == torch.float32 and 0 <= float(mean.min()) and float(mean.max()) <= 1
 
 
-def test_fashion_mnist_dmol_bound_decreases():
-    """A few Adam steps on real 8-bit Fashion-MNIST lower the test bound (nats/image)."""
+def test_smoke_fashion_mnist_dmol_bound_decreases():
+    """Smoke test: a few Adam steps on real 8-bit Fashion-MNIST lower the test bound (nats/image).
+    The likelihood is checked against direct probabilities above, the KL terms in each model's tests."""
     from pyro_kpp import data as D
     from pyro_kpp.data.episodes import make_episodes
 

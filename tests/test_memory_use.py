@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 
 from pyro_kpp import svi
-from pyro_kpp.inference.bound import TERMS, bound_terms, evaluate, make_elbo, particle_traces, training_loss
+from pyro_kpp.inference.bound import bound_terms, evaluate, make_elbo, particle_traces, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.inference.memory_use import diagnose, sample_affinity
 from pyro_kpp.models import build_model
@@ -78,19 +78,10 @@ def test_condition_replaces_the_memory_the_model_reads():
     torch.testing.assert_close(tr.nodes["z"]["fn"].base_dist.loc, z_loc)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_terms_sum_to_the_bound(name):
-    model = build_model(tiny_config(model=name)).eval()
-    result = evaluate(model, [_episodes()], samples=3)
-    assert set(result["terms"]) <= set(TERMS) and "reconstruction" in result["terms"]
-    assert math.isclose(sum(result["terms"].values()), result["elbo"], rel_tol=1e-5)
-    assert result["gain_images"] == 12
-
-
 def test_vae_memory_gain_is_exactly_zero():
     model = build_model(tiny_config(model="vae")).eval()
     result = evaluate(model, [_episodes(), _episodes(B=2, seed=1)], samples=2)
-    assert result["memory_gain"] == 0.0
+    assert result["memory_gain"] == 0.0 and result["gain_images"] == 3 * 4 + 2 * 4
     assert result["foreign_terms"] == result["terms"]
 
 

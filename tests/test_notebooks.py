@@ -34,6 +34,7 @@ def test_notebook_is_committed_with_outputs(name):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= FIGURES[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_runs_top_to_bottom(name, tiny_run, monkeypatch):
     monkeypatch.setenv("PYRO_KPP_RUN", str(tiny_run))

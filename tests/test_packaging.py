@@ -17,6 +17,7 @@ def test_every_subpackage_is_in_the_package_list():
     assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
 
 
+@pytest.mark.slow
 def test_the_built_wheel_holds_every_module(tmp_path):
     """Build the wheel from a copy of the tracked files (symlinks kept) and list it: every module of
     the package, the design card's models/ and guides/ under pyro_kpp, no other top-level name."""

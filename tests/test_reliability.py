@@ -75,6 +75,7 @@ def _wait_for_checkpoint(proc, run_dir, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_ends_like_an_uninterrupted_run(straight_run, small_data, tmp_path):
     run = tmp_path / "killed"
     proc = _start(run, small_data)

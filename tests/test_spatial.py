@@ -89,9 +89,18 @@ def test_exact_window_gradient_is_exactly_the_block():
     torch.testing.assert_close(memory.grad[0, 0], expected, atol=1e-5, rtol=0)
 
 
-def test_keys_are_squashed_into_the_unit_square():
-    theta = key_to_theta(torch.tensor([[50.0, -50.0, 0.0]]))
-    torch.testing.assert_close(theta, torch.tensor([[[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]]))
+def test_key_maps_give_the_affine_matrix_by_hand():
+    """theta = [[s, 0, x], [0, s, y]]: with "tanh" s, x, y = tanh(y0, y1, y2); with "uniform"
+    s = s_min + (s_max - s_min) Phi(y0) and x, y = (1 - s)(2 Phi(y) - 1), Phi the normal CDF."""
+    key = [0.3, -0.7, 1.2]
+    s, x, y = (math.tanh(k) for k in key)
+    torch.testing.assert_close(key_to_theta(torch.tensor([key], dtype=torch.float64)),
+                               torch.tensor([[[s, 0.0, x], [0.0, s, y]]], dtype=torch.float64))
+    phi = [0.5 * (1 + math.erf(k / math.sqrt(2))) for k in key]
+    s = 0.2 + (0.6 - 0.2) * phi[0]
+    x, y = ((1 - s) * (2 * p - 1) for p in phi[1:])
+    torch.testing.assert_close(key_to_theta(torch.tensor([key], dtype=torch.float64), "uniform", (0.2, 0.6)),
+                               torch.tensor([[[s, 0.0, x], [0.0, s, y]]], dtype=torch.float64))
 
 
 def test_wrong_key_shape_is_a_clear_error():

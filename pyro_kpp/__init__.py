@@ -10,6 +10,9 @@
 """
 __version__ = "0.1.0"
 
+from .interrupts import quiet_cli_interrupts  # noqa: E402  (first: a Ctrl-C in the imports below)
+quiet_cli_interrupts()
+
 from .api import iterative_read, load, sample, write  # noqa: E402
 from .config import Config  # noqa: E402
 from .episodic import EpisodicModel, Memory  # noqa: E402

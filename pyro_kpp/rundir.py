@@ -277,13 +277,12 @@ def record_problem(record, fields: tuple) -> str | None:
         return f"is a JSON {type(record).__name__}, not a record"
     for field in fields:
         names = field if isinstance(field, tuple) else (field,)
-        name = next((n for n in names if n in record), None)
-        if name is None:
-            return f"lacks the field {' or '.join(map(repr, names))}"
-        value = record[name]
-        count = name in ("step", "epoch")
-        if isinstance(value, bool) or not isinstance(value, int if count else (int, float)) or (count and value < 0):
-            return f"has {name!r} = {value!r}, expected a {'non-negative integer' if count else 'number'}"
+        name = next((n for n in names if n in record), names[0])
+        value, count = record.get(name), name in ("step", "epoch")
+        if isinstance(value, bool) or not isinstance(value, int if count else (int, float)):
+            return f"has no {'integer' if count else 'number'} {' or '.join(map(json.dumps, names))}"
+        if count and value < 0:
+            return f"has {json.dumps(name)} = {value}, expected a non-negative integer"
     return None
 
 

@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import math
-import shlex
 import signal
 import sys
 import time
@@ -53,10 +52,10 @@ from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
 from .optim import build_optimizer
-from .plot import save_curves
+from .plot import save_curves_or_warn
 from .plots import write_images
 from .registry import MODELS, build_model
-from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
+from .resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir, resume_command
 from .schedules import key_free_nats, key_kl_weight, kl_weight
 
 #: Training episodes on which the true train bound is measured at the end of a warm-up epoch.
@@ -354,7 +353,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 history.append(record)
                 with (run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                draw_curves(run_dir)
+                save_curves_or_warn(run_dir)
                 if progress or not sys.stderr.isatty():
                     print(report(record), file=sys.stderr, flush=True)
             if state.epoch_step >= episodes.steps_per_epoch():
@@ -366,21 +365,6 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                       f"saved to {run_dir / CHECKPOINT_NAME}", file=sys.stderr, flush=True)
             raise Interrupted(stop.signum)
     return history
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``, quoted for a POSIX shell."""
-    return f"python -m pyro_kpp.svi --resume {shlex.quote(str(run_dir.resolve()))}"
-
-
-def draw_curves(run_dir: Path) -> None:
-    """Redraw ``curves.png``; a figure that fails (a damaged metrics line, a plotting error) is a
-    warning, never the end of training: the epoch's checkpoint is still to be saved."""
-    try:
-        save_curves([run_dir], run_dir / "curves.png")
-    except Exception as exc:  # noqa: BLE001 - whatever matplotlib or a bad record raises
-        print(f"warning: could not draw {run_dir / 'curves.png'} ({type(exc).__name__}: {exc}); training goes on",
-              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

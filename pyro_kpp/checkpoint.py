@@ -14,6 +14,11 @@ and numpy's RNG state (a uint32 array), and is read with ``torch.load(weights_on
 exactly the numpy array types allow-listed (``SAFE_GLOBALS``): opening a checkpoint someone sent
 you never runs code from it. One that holds anything else (a pickled callable, a class
 instance) is refused with a ``CheckpointError``.
+
+Loading also verifies the zip archive's CRC-32s first (bit rot or a damaged copy is an error,
+never a silently wrong weight or Adam moment), and checks the training counters and the
+config's field types (``counter_problem``, ``config_problem``): every such error names the file
+and the entry.
 """
 from __future__ import annotations
 

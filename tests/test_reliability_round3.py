@@ -11,6 +11,7 @@ import pickle
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -124,8 +125,8 @@ def _flip_bytes_in_a_tensor(path, n=64):
     with zipfile.ZipFile(path) as archive:
         member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
-    name_len, extra_len = int.from_bytes(raw[member.header_offset + 26:member.header_offset + 28], "little"), \
-        int.from_bytes(raw[member.header_offset + 28:member.header_offset + 30], "little")
+    # a zip local header: 30 fixed bytes ending in the lengths of the name and the extra field
+    name_len, extra_len = struct.unpack_from("<HH", raw, member.header_offset + 26)
     start = member.header_offset + 30 + name_len + extra_len + member.file_size // 2 - n // 2
     raw[start:start + n] = bytes(b ^ 0xFF for b in raw[start:start + n])
     path.write_bytes(bytes(raw))

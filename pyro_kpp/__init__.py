@@ -10,12 +10,15 @@
 """
 __version__ = "0.1.0"
 
+from pyro_kpp.train.interrupts import quiet_cli_interrupts  # noqa: E402  (first: a Ctrl-C in the imports below)
+quiet_cli_interrupts()
+
 from pyro_kpp.api import iterative_read, load, sample, write  # noqa: E402
 from pyro_kpp.config import Config  # noqa: E402
-from pyro_kpp.models.base import EpisodicModel, Memory  # noqa: E402
 from pyro_kpp.data import episodes  # noqa: E402  (a callable module: pyro_kpp.episodes(...))
-from pyro_kpp.reading.iterative import IterativeReading  # noqa: E402
 from pyro_kpp.models import build_model  # noqa: E402
+from pyro_kpp.models.base import EpisodicModel, Memory  # noqa: E402
+from pyro_kpp.reading.iterative import IterativeReading  # noqa: E402
 
 __all__ = ["Config", "EpisodicModel", "IterativeReading", "Memory", "build_model", "episodes", "iterative_read", "load",
            "sample", "write", "__version__"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -57,6 +58,30 @@ PRESET_DEFAULTS = {
     "cpu": {"hidden": 256, "writer_channels": 64},
     "paper": {"hidden": 512, "writer_channels": 256},   # App. E: dense nets of 512, writer base 256
 }
+
+
+#: How a type annotation of a Config field reads in an error message.
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False",
+               "None": "None", "tuple[int,int,int]": "three integers"}
+
+
+def _has_type(value, kind: str) -> bool:
+    """Whether ``value`` fits the annotation ``kind`` of a Config field (bools are not numbers;
+    numpy's integers and floats are)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, numbers.Integral)
+    if kind == "float":
+        return isinstance(value, numbers.Real)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "tuple[int,int,int]":
+        return (isinstance(value, (tuple, list)) and len(value) == 3
+                and all(_has_type(v, "int") for v in value))
+    raise TypeError(f"Config: no type check for the annotation {kind!r}")
 
 
 def opt(default, help: str, *, flags: tuple[str, ...] = (), default_text: str | None = None, **argparse_kwargs):
@@ -161,6 +186,7 @@ class Config:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
+        self.check_types()
         self.image_shape = tuple(self.image_shape)
         self.memory_shape = tuple(self.memory_shape)
         if self.likelihood is None:
@@ -176,6 +202,18 @@ class Config:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.validate()
+
+    def check_types(self) -> None:
+        """Each field's value has its annotated type (``int | None``: an integer or None), before
+        any value is compared: a config read from a damaged checkpoint (a string ``lr``) is an
+        error naming the field, not a failed comparison deep inside ``validate``."""
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in allowed:
+                continue
+            if not any(_has_type(value, kind) for kind in allowed if kind != "None"):
+                raise ValueError(f"{f.name}: expected {' or '.join(_TYPE_NAMES.get(k, k) for k in allowed)}, "
+                                 f"got {value!r}")
 
     def validate(self) -> None:
         positive = ["max_nonfinite", "episode_length", "batch_size", "reads", "window", "writer_channels", "slots",
@@ -251,6 +289,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """The config saved in a checkpoint, upgraded by ``MIGRATIONS``; every field must be present."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a dict of fields, got a {type(d).__name__}")
         while d.get("version") in MIGRATIONS:
             d = MIGRATIONS[d["version"]](dict(d))
         if d.get("version") != CONFIG_VERSION:

@@ -77,6 +77,16 @@ def save_curves(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     return save_figure(draw(runs), out)
 
 
+def save_curves_or_warn(run_dir: Path) -> None:
+    """Redraw a training run's ``curves.png``; a figure that fails (a damaged metrics line, a
+    plotting error) is a warning, never the end of training, whose checkpoint is still to be saved."""
+    try:
+        save_curves([run_dir], run_dir / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - whatever matplotlib or a bad record raises
+        print(f"warning: could not draw {run_dir / 'curves.png'} ({type(exc).__name__}: {exc}); training goes on",
+              file=sys.stderr, flush=True)
+
+
 def table(runs: list[str | os.PathLike]) -> str:
     """One row per run: model, data, epochs, steps, training time, last train bound, best and last
     evaluation bound (test, or validation for runs with ``--valid-images``)."""

@@ -46,20 +46,20 @@ from pyro_kpp.train import rundir
 from pyro_kpp.train import speed
 from pyro_kpp.api import model_from_state
 from pyro_kpp.inference.bound import TrainingLoss, evaluate, make_elbo
-from pyro_kpp.train.checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, load_checkpoint, nonfinite_entries,
-                         save_checkpoint)
+from pyro_kpp.train.checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, ensure_writable, find_checkpoint, load_checkpoint,
+                         nonfinite_entries, save_checkpoint)
 from pyro_kpp.cliargs import add_config_options, flag_message
 from pyro_kpp.config import Config
-from pyro_kpp.data import DATASETS, load_dataset
+from pyro_kpp.data.sets import DATASETS, load_dataset
 from pyro_kpp.data.episodes import Episodes, make_episodes, test_batches
 from pyro_kpp.train.interrupts import StopRequests
 from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
 from pyro_kpp.inference.memory_use import diagnose
 from pyro_kpp.train.optim import build_optimizer
-from pyro_kpp.plot import save_curves
+from pyro_kpp.plot import save_curves_or_warn
 from pyro_kpp.viz.grids import write_images
 from pyro_kpp.models import MODELS, build_model
-from pyro_kpp.train.resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir
+from pyro_kpp.train.resume import CONFIG_FIELDS, check_resume_targets, config_from_args, resolve_run_data_dir, resume_command
 from pyro_kpp.inference.schedules import key_free_nats, key_kl_weight, kl_weight
 
 #: Training episodes on which the true train bound is measured at the end of a warm-up epoch.
@@ -252,13 +252,15 @@ def save(run_dir: Path, cfg: Config, model, state: TrainState, world: distribute
     rng = world.checkpoint_rng(model)                       # every rank's; checks they agree
     if not world.is_main:
         return
+    kept = ("the previous checkpoint is intact" if (run_dir / CHECKPOINT_NAME).exists() else
+            "no checkpoint of this run has been written yet")
     try:
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": cfg.to_dict(), "model": model.state_dict(), **state.state_dict(), "rng": rng,
             "pyro_kpp_version": __import__("pyro_kpp").__version__, "data": fingerprint})
     except OSError as exc:
         raise OSError(f"checkpoint: could not write {run_dir / CHECKPOINT_NAME} ({exc.strerror or exc}); "
-                      f"the previous checkpoint is intact") from None
+                      f"{kept}") from None
 
 
 def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
@@ -297,8 +299,8 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
         ensure_writable(run_dir, needed_bytes=3 * state_bytes + 2**20)   # a new one: weights + Adam moments
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if resume_state is not None:
-            rundir.repair_metrics(run_dir / "metrics.jsonl", state.step)
-            rundir.repair_metrics(run_dir / "steps.jsonl", state.step)
+            rundir.repair_metrics(run_dir / "metrics.jsonl", state.step, rundir.METRICS_FIELDS)
+            rundir.repair_metrics(run_dir / "steps.jsonl", state.step, rundir.STEPS_FIELDS)
     history = []
     first_test = next(iter(test_batches(episodes, None, eval_split(cfg))))
     start_time = time.time()
@@ -346,7 +348,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 save(run_dir, cfg, model, state, world, fingerprint)
                 if world.is_main:
                     print(f"{stop.name or 'another rank'}: stopped at step {state.step}; checkpoint saved to "
-                          f"{run_dir / CHECKPOINT_NAME}. Resume with: python -m pyro_kpp.svi --resume {run_dir.resolve()}",
+                          f"{run_dir / CHECKPOINT_NAME}. Resume with: {resume_command(run_dir)}",
                           file=sys.stderr, flush=True)
                 raise Interrupted(stop.signum or signal.SIGTERM)
             if world.is_main:                       # the others wait in save()'s gather
@@ -355,12 +357,17 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 history.append(record)
                 with (run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                save_curves([run_dir], run_dir / "curves.png")
+                save_curves_or_warn(run_dir)
                 if progress or not sys.stderr.isatty():
                     print(report(record), file=sys.stderr, flush=True)
             if state.epoch_step >= episodes.steps_per_epoch():
                 state.next_epoch()
             save(run_dir, cfg, model, state, world, fingerprint)
+        if stop.requested:                  # arrived after the last step, e.g. in the final evaluation
+            if world.is_main:
+                print(f"{stop.name}: arrived after the last step (step {state.step}); the run's checkpoint is "
+                      f"saved to {run_dir / CHECKPOINT_NAME}", file=sys.stderr, flush=True)
+            raise Interrupted(stop.signum)
     return history
 
 
@@ -369,14 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         resume = getattr(args, "resume", None)
-        resume_state = load_checkpoint(resume, require=RESUME_KEYS) if resume else None
-        cfg = config_from_args(args, resume_state)
-        world = distributed.init(cfg.device)
-        check_resume_targets(cfg, resume_state)
-        run_dir, fresh = rundir.choose(getattr(args, "run_dir", None), resume, cfg.data, cfg.model, world.is_main)
-        if world.is_main:
+        source = find_checkpoint(resume) if resume else None      # a wrong path claims no folder
+        named = None if source else config_from_args(args, None)  # a fresh run's config names its folder
+        is_main = distributed.is_main_rank()
+        run_dir, fresh = rundir.choose(getattr(args, "run_dir", None), source, named and named.data,
+                                       named and named.model, is_main)
+        if is_main:
             print(f"run directory: {run_dir}", file=sys.stderr)
-        with rundir.claim(run_dir, fresh, getattr(args, "overwrite", False)) if world.is_main else nullcontext():
+        with rundir.claim(run_dir, fresh, getattr(args, "overwrite", False)) if is_main else nullcontext():
+            # Read under the lock: a resume that waited for another writer continues from what it
+            # left, rather than rolling the run back to the checkpoint read before.
+            resume_state = load_checkpoint(source, require=RESUME_KEYS) if source else None
+            cfg = config_from_args(args, resume_state)
+            world = distributed.init(cfg.device)
+            check_resume_targets(cfg, resume_state)
             history = train(cfg, run_dir, resume_state, progress=not getattr(args, "no_progress", False),
                             log_steps=getattr(args, "log_steps", False), world=world)
     except Interrupted as stop:

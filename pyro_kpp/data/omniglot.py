@@ -15,7 +15,9 @@ Protocol (fixed, the cache and every experiment depend on it):
 
 The PNGs are decoded once and the tensors cached in ``cache_dir()`` (never in the data
 folder, which may be read-only); the file name of the cache carries a hash of the data root
-and of the file list, so a different folder gets a different cache.
+and of the file list, so a different folder gets a different cache, and the cache records a
+hash of every file's size and modification time (``_omniglot_stamp``), so a PNG replaced under
+the same name makes it stale and it is decoded again.
 """
 from __future__ import annotations
 
@@ -118,11 +120,22 @@ def _omniglot_cache_path(folder: pathlib.Path, files: list[str]) -> pathlib.Path
     return cache_dir() / f"omniglot{OMNIGLOT_SIZE}-v{OMNIGLOT_CACHE_VERSION}-{digest.hexdigest()[:16]}.pt"
 
 
+def _omniglot_stamp(folder: pathlib.Path, files: list[str]) -> str:
+    """A hash of every file's size and modification time (ns): what changes when a PNG is
+    replaced or rewritten, at the cost of one ``stat`` per file rather than reading them all."""
+    digest = hashlib.sha256()
+    for file in files:
+        st = (folder / file).stat()
+        digest.update(f"{file}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _omniglot_tensors(folder: pathlib.Path, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """All images (N, 1, 28, 28) uint8 and labels (N,) int64 in file order, from the cache if
-    it is there, else decoded and then cached."""
+    it is there and its files unchanged, else decoded and then cached."""
     path = _omniglot_cache_path(folder, files)
-    cached = _read_cache(path, len(files))
+    stamp = _omniglot_stamp(folder, files)
+    cached = _read_cache(path, len(files), stamp)
     if cached is not None:
         return cached
     labels = torch.tensor([_omniglot_label(folder, f) for f in files], dtype=torch.int64)
@@ -130,7 +143,7 @@ def _omniglot_tensors(folder: pathlib.Path, files: list[str]) -> tuple[torch.Ten
     images = _decode_omniglot(folder, files)
     log.info("decoded %d Omniglot PNGs in %.1f s", len(files), time.perf_counter() - start)
     try:
-        _atomic_save({"version": OMNIGLOT_CACHE_VERSION, "images": images, "labels": labels}, path)
+        _atomic_save({"version": OMNIGLOT_CACHE_VERSION, "stamp": stamp, "images": images, "labels": labels}, path)
     except OSError as e:  # a cache we cannot write only costs time
         warnings.warn(f"omniglot: could not write the cache {path}: {e}", stacklevel=3)
     return images, labels
@@ -171,8 +184,8 @@ def _decode_omniglot_png(path: pathlib.Path) -> torch.Tensor:
     return torch.round(small.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
-def _read_cache(path: pathlib.Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached (images, labels), or None if absent or unusable (then it is rebuilt)."""
+def _read_cache(path: pathlib.Path, n: int, stamp: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (images, labels), or None if absent, unusable or stale (then it is rebuilt)."""
     if not path.is_file():
         return None
     try:
@@ -190,6 +203,10 @@ def _read_cache(path: pathlib.Path, n: int) -> tuple[torch.Tensor, torch.Tensor]
         return None
     if not ok:
         warnings.warn(f"omniglot: ignoring cache {path} with unexpected contents", stacklevel=4)
+        return None
+    if blob.get("stamp") != stamp:
+        log.info("omniglot: the PNGs' sizes or times differ from those %s records (or it records none); "
+                 "decoding them again", path)
         return None
     return images, labels
 

@@ -23,10 +23,12 @@ raises :class:`DataError` naming the folder, what was expected and what was foun
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
 import pathlib
+import pickle
 
 import numpy as np
 import torch
@@ -145,17 +147,50 @@ def _load_cifar10(name: str, root: pathlib.Path, offline: bool) -> ImageData:
     return ImageData(name, torch.cat([x for x, _ in train]), test_x, torch.cat([y for _, y in train]), test_y)
 
 
+#: The only globals a CIFAR-10 batch may name: how numpy pickles a uint8 array (under numpy 1's
+#: and 2's module names, pickle protocols 2-5) and the codec protocol 2 uses for bytes.
+_NUMPY_CORE = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+CIFAR10_PICKLE_GLOBALS = {
+    **{(f"{core}.multiarray", "_reconstruct"): f"{_NUMPY_CORE}.multiarray._reconstruct"
+       for core in ("numpy.core", "numpy._core")},
+    **{(f"{core}.numeric", "_frombuffer"): f"{_NUMPY_CORE}.numeric._frombuffer" for core in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): "numpy.ndarray", ("numpy", "dtype"): "numpy.dtype", ("_codecs", "encode"): "_codecs.encode",
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle naming a global outside ``CIFAR10_PICKLE_GLOBALS``."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only ``CIFAR10_PICKLE_GLOBALS``: a data file can build dicts,
+    lists, strings, numbers and numpy arrays, and never import or call anything else (a plain
+    ``pickle.load`` would run whatever callable a crafted file names)."""
+
+    def find_class(self, module: str, name: str):
+        target = CIFAR10_PICKLE_GLOBALS.get((module, name))
+        if target is None:
+            raise _ForbiddenGlobal(f"it names {module}.{name}, which a CIFAR-10 batch never holds; "
+                                         f"refusing to load it, since unpickling it could run code")
+        owner, attr = target.rsplit(".", 1)
+        return getattr(importlib.import_module(owner), attr)
+
+
 def _read_cifar10_batch(path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch: {"data": uint8 (N, 3072) rows of R, G, B planes, "labels": N ints}
-    -> images uint8 (N, 3, 32, 32) and labels int64 (N,)."""
-    import pickle
-
+    -> images uint8 (N, 3, 32, 32) and labels int64 (N,). Read with ``_CifarUnpickler``."""
     expected = (f"a pickled dict with 'data' (uint8, N x {math.prod(CIFAR10_SHAPE)}) and 'labels' "
                 f"(N ints), as in torchvision's {CIFAR10_FOLDER}")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise TypeError(f"it holds a {type(entry).__name__}, not a dict")
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
         data, labels = np.asarray(entry["data"]), np.asarray(entry["labels"], dtype=np.int64)
+    except _ForbiddenGlobal as e:
+        raise DataError(f"cifar10: {path}: {e}. Replace the file or delete {path.parent} to download it "
+                        f"again.") from None
     except Exception as e:  # noqa: BLE001 - unpickling fails in many ways on damaged files
         raise DataError(f"cifar10: cannot read {path} ({type(e).__name__}: {e}); expected {expected}. "
                         f"Replace the damaged file or delete {path.parent} to download it again.") from e

@@ -14,13 +14,21 @@ and numpy's RNG state (a uint32 array), and is read with ``torch.load(weights_on
 exactly the numpy array types allow-listed (``SAFE_GLOBALS``): opening a checkpoint someone sent
 you never runs code from it. One that holds anything else (a pickled callable, a class
 instance) is refused with a ``CheckpointError``.
+
+Loading also verifies the zip archive's CRC-32s first (bit rot or a damaged copy is an error,
+never a silently wrong weight or Adam moment), and checks the training counters and the
+config's field types (``counter_problem``, ``config_problem``): every such error names the file
+and the entry.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +133,21 @@ def find_checkpoint(location: str | os.PathLike) -> Path:
 def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tuple[str, ...] = MODEL_KEYS) -> dict:
     """Read and check a checkpoint; errors name the file and what is wrong with it.
 
-    ``require``: the entries the caller needs (``RESUME_KEYS`` to resume training).
+    ``require``: the entries the caller needs (``RESUME_KEYS`` to resume training). Before
+    anything is unpickled the archive's CRC-32s are verified (bit rot in a weight or an Adam
+    moment would otherwise load silently); after, the counters and the config are checked.
+    The file is opened once, so the bytes checked are the bytes loaded even if a writer
+    replaces the path meanwhile.
     """
     path = find_checkpoint(location)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            state = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            _verify_archive(f, path)
+            f.seek(0)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                state = torch.load(f, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # truncated or corrupt files fail in many ways inside torch/pickle
         blocked = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
         if blocked:             # weights_only refused a class or function the pickle would import
@@ -145,7 +162,75 @@ def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tu
     missing = [key for key in require if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint: {path} lacks {missing} (damaged, or not written by pyro_kpp.svi)")
+    problem = counter_problem(state) or (config_problem(state["config"]) if "config" in state else None)
+    if problem:
+        raise CheckpointError(f"checkpoint: {path}: {problem} (damaged, or edited by hand)")
     return state
+
+
+def _verify_archive(f, path: Path) -> None:
+    """Check every member of the checkpoint's zip archive against its CRC-32 (torch writes them
+    but does not check them when loading)."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise CheckpointError(f"checkpoint: {path} is truncated or corrupt (not a readable zip archive: "
+                              f"{exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint: {path} is corrupt: its member {bad} fails its CRC-32 check (bit rot "
+                              f"or a damaged copy); restore the file from a backup")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def counter_problem(state: dict) -> str | None:
+    """What is wrong with a checkpoint's training counters (those it has), or None.
+
+    Steps and epochs are non-negative integers; the current epoch's steps are part of all
+    steps, its finite-loss count part of its steps; skipped steps are part of all steps and a
+    streak of skips part of them; the training time is a finite number of seconds >= 0.
+    """
+    for key in ("step", "epoch", "epoch_step"):
+        if key in state and not _is_count(state[key]):
+            return f"\"{key}\" is {state[key]!r}, expected a non-negative integer"
+    if "epoch_step" in state and "step" in state and state["epoch_step"] > state["step"]:
+        return f"\"epoch_step\" {state['epoch_step']} exceeds \"step\" {state['step']}"
+    if "epoch_loss" in state:
+        value = state["epoch_loss"]
+        if not (_is_pair(value) and isinstance(value[0], (int, float)) and math.isfinite(value[0])
+                and _is_count(value[1]) and value[1] <= state.get("epoch_step", value[1])):
+            return (f"\"epoch_loss\" is {value!r}, expected (finite sum, count) with the count at most "
+                    f"\"epoch_step\"")
+    if "skipped" in state:
+        value = state["skipped"]
+        if not (_is_pair(value) and all(map(_is_count, value)) and value[1] <= value[0] <= state.get("step", value[0])):
+            return (f"\"skipped\" is {value!r}, expected (skipped steps, of them in a row) with "
+                    f"in a row <= skipped <= \"step\"")
+    if "train_seconds" in state:
+        value = state["train_seconds"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            return f"\"train_seconds\" is {value!r}, expected a finite number of seconds >= 0"
+    return None
+
+
+def config_problem(config) -> str | None:
+    """What is wrong with a checkpoint's config (its type, a field's type or value), or None."""
+    from pyro_kpp.config import Config          # here: the config's modules import nothing of ours back
+
+    if not isinstance(config, dict):
+        return f"\"config\" is a {type(config).__name__}, expected a dict of Config fields"
+    try:
+        Config.from_dict(config)
+    except (ValueError, TypeError) as exc:
+        return f"\"config\": {exc}"
+    return None
 
 
 def rng_state() -> dict:

@@ -148,6 +148,12 @@ class World:
             self._seed(seed, step)
 
 
+def is_main_rank() -> bool:
+    """Whether this process is rank 0 (or not under torchrun), known before :func:`init` joins the
+    process group: it alone claims the run directory."""
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1 or int(os.environ["RANK"]) == 0
+
+
 def init(device: str) -> World:
     """Join torchrun's process group, or return the single-process world when not under torchrun.
 

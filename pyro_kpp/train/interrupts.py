@@ -2,11 +2,14 @@
 
 The loop then saves a checkpoint (everything needed to resume exactly) and the process exits
 with status 128 + signal number and a message, instead of dying mid-write. A second signal
-of the same kind while stopping falls back to the default behaviour (e.g. Ctrl-C twice).
+of the same kind while stopping falls back to the default behaviour (e.g. Ctrl-C twice): a
+``KeyboardInterrupt`` that the CLIs report in one line (:func:`quiet_cli_interrupts`), as they
+do a Ctrl-C during their imports.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 
@@ -44,3 +47,37 @@ class StopRequests:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def _cli_module(argv: list[str]) -> str | None:
+    """The module of ``python [options] -m MODULE ...`` in the interpreter's own arguments, or None
+    (a script, ``-c``, an interactive session)."""
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("-X", "-W"):                  # options that take a value
+            next(args, None)
+        elif arg.startswith("-m"):
+            return arg[2:] or next(args, None)
+        elif arg == "-c" or not arg.startswith("-"):
+            return None
+    return None
+
+
+def quiet_cli_interrupts() -> None:
+    """In a ``python -m pyro_kpp.<tool>`` process, report a ``KeyboardInterrupt`` that nothing
+    handled (a Ctrl-C during the imports, or a second Ctrl-C while a run stops) in one line
+    instead of a traceback. Python then still exits by SIGINT, status 130 in a shell. Called on
+    ``import pyro_kpp``, before the heavy imports; programs that merely import pyro_kpp keep
+    Python's own behaviour."""
+    module = _cli_module(getattr(sys, "orig_argv", []))
+    if module is None or module.split(".")[0] != __name__.split(".")[0]:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{module}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook

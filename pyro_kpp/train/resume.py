@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+from pathlib import Path
 
 from pyro_kpp.config import Config
 from pyro_kpp.data import resolve_data_dir
@@ -56,3 +58,9 @@ def check_resume_targets(cfg: Config, resume_state: dict | None) -> None:
         raise ValueError(f"--max-minutes: the run has trained {spent:.1f} minutes, which reaches its budget of "
                          f"{cfg.max_minutes:g} minutes (the budget counts all training of the run, resumes "
                          f"included); ask for more than {spent:.1f} minutes to continue")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``, quoted for a POSIX shell (a folder
+    name with spaces or ``$`` must not break it)."""
+    return f"python -m pyro_kpp.svi --resume {shlex.quote(str(run_dir.resolve()))}"

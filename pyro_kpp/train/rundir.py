@@ -1,12 +1,15 @@
 """Run directories: one run per folder, one writer at a time, nothing half-written left behind.
 
-A run directory holds one training run (``RUN_FILES``). The training CLI holds it through
-:func:`claim` for the run's whole life:
+A run directory holds one training run: the files ``RUN_FILES`` and the image grids
+``images/<kind>_<epoch>.png`` (``RUN_IMAGE``), known by name; anything else in the folder is
+the user's and is never deleted. The training CLI holds the folder through :func:`claim` for
+the run's whole life:
 
 * a lock file (``flock``) keeps a second process out: two writers would interleave their
   metrics and overwrite each other's checkpoints. The kernel drops the lock when the process
   ends in any way, SIGKILL included, so a stale lock can never block a resume;
-* a fresh run refuses a folder that already holds a run, unless told ``overwrite``;
+* a fresh run refuses a folder that already holds a run, unless told ``overwrite``, which
+  deletes the run's files by name and is refused outright in a folder holding anything else;
 * temporary files of our own naming left by a write that was killed are removed (they would
   otherwise stay forever and count against the free-space check);
 * a fresh run that fails before its first checkpoint removes what it wrote: nothing in the
@@ -22,19 +25,27 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from pyro_kpp.train.checkpoint import CHECKPOINT_NAME
 
-#: What a run writes into its folder; any of them present means the folder holds a run.
-RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "images", "curves.png")
+#: The files a run writes at its folder's top level; any of them present means the folder holds a run.
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "steps.jsonl", "config.json", "curves.png")
+#: The run's image grids (pyro_kpp.viz.grids.write_images) in ``images/``, and their temporary files.
+IMAGES_DIR = "images"
+RUN_IMAGE = re.compile(r"\.?(reconstructions|samples)_\d{4,}\.png(\.\w+\.tmp)?")
 LOCK_NAME = ".lock"
 #: Temporary files of our own naming: checkpoint.save_checkpoint's, ensure_writable's probe and
 #: repair_metrics's rewrite. Only ever removed while holding the lock, so never another writer's.
 STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp", ".curves.png.*.tmp")
+#: Fields of every record of ``metrics.jsonl`` (``pyro_kpp.svi.evaluate_epoch``) that resuming and
+#: the curves read (a tuple: one of them), and of ``steps.jsonl``; all numbers, step and epoch counts.
+METRICS_FIELDS = ("epoch", "step", "train_objective", "train_bound", "train_seconds_total", ("test_bound", "valid_bound"))
+STEPS_FIELDS = ("step", "loss", "grad_norm")
 
 
 class RunDirError(ValueError):
@@ -59,12 +70,14 @@ def default_run_dir(data: str, model: str, root: Path = Path("runs")) -> Path:
     raise RunDirError(f"run directory: no free name {root / base}-N; pass --run-dir")
 
 
-def choose(run_dir: str | None, resume: str | None, data: str, model: str, is_main: bool = True) -> tuple[Path, bool]:
+def choose(run_dir: str | None, resume: str | os.PathLike | None, data: str | None = None, model: str | None = None,
+           is_main: bool = True) -> tuple[Path, bool]:
     """The run's folder (``--run-dir``, ``--resume``) and whether the run starts there afresh
     rather than continuing the checkpoint there.
 
-    Without ``run_dir``: the resumed run's folder, else a new, unique one, made only by the
-    process that writes (``is_main``; the other ranks of a torchrun write nothing).
+    Without ``run_dir``: the resumed run's folder, else a new, unique one named by ``data`` and
+    ``model``, made only by the process that writes (``is_main``; the other ranks of a torchrun
+    write nothing).
     """
     resumed_dir = None if resume is None else Path(resume) if Path(resume).is_dir() else Path(resume).parent
     if run_dir:
@@ -119,28 +132,65 @@ class RunLock:
         self.fd = None
 
 
+def _is_ours(path: Path) -> bool:
+    """Whether a top-level entry of a run folder has a name the run gives its files."""
+    if path.name in RUN_FILES:
+        return path.is_file()
+    return path.name == LOCK_NAME or any(path.match(pattern) for pattern in STALE_PATTERNS)
+
+
+def sort_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The run's files in ``run_dir`` (by name, lock and temporary files included) and everything
+    else there (the user's: never deleted)."""
+    ours, foreign = [], []
+    for path in sorted(run_dir.iterdir()):
+        if path.name == IMAGES_DIR and path.is_dir() and not path.is_symlink():
+            for image in sorted(path.iterdir()):
+                (ours if image.is_file() and RUN_IMAGE.fullmatch(image.name) else foreign).append(image)
+        else:
+            (ours if _is_ours(path) else foreign).append(path)
+    return ours, foreign
+
+
 def existing_run_files(run_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    """The run's files in ``run_dir`` (relative names), not counting its lock and temporary files."""
+    ours, _ = sort_entries(run_dir)
+    return [p.relative_to(run_dir).as_posix() for p in ours
+            if (p.name in RUN_FILES if p.parent == run_dir else not p.name.endswith(".tmp"))]
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def refuse_or_replace(run_dir: Path, overwrite: bool) -> None:
-    """A fresh run never silently replaces another: refuse, or remove the old run when asked."""
+    """A fresh run never silently replaces another: refuse, or remove the old run when asked,
+    and only when the folder holds nothing but the run's own files."""
     found = existing_run_files(run_dir)
-    if not found:
-        return
-    if not overwrite:
-        raise RunDirError(f"run directory: {run_dir} already holds a run ({', '.join(found)}); continue it with "
-                          f"--resume {run_dir}, or pass --overwrite to replace it")
-    remove_run_files(run_dir)
+    if overwrite:
+        foreign = [p.relative_to(run_dir).as_posix() + ("/" if p.is_dir() else "") for p in sort_entries(run_dir)[1]]
+        if foreign:
+            raise RunDirError(f"--overwrite: {run_dir} holds files no run wrote ({_listed(foreign)}); "
+                              f"--overwrite deletes only a run's own files, so nothing was deleted. Move those "
+                              f"away, or pass another --run-dir")
+        remove_run_files(run_dir)
+    elif found and not (run_dir / CHECKPOINT_NAME).is_file():
+        raise RunDirError(f"run directory: {run_dir} holds files of a run that never saved a checkpoint "
+                          f"({_listed(found)}; it was stopped before its first checkpoint), so there is nothing to "
+                          f"resume; pass --overwrite to delete them and start over, or pass another --run-dir")
+    elif found:
+        raise RunDirError(f"run directory: {run_dir} already holds a run ({_listed(found)}); continue it with "
+                          f"--resume {shlex.quote(str(run_dir))}, or pass --overwrite to replace it")
 
 
 def remove_run_files(run_dir: Path) -> None:
-    for name in existing_run_files(run_dir):
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
+    """Delete the run's own files by name (never its lock, never anything else); ``images/``
+    goes too if that leaves it empty."""
+    for path in sort_entries(run_dir)[0]:
+        if path.name != LOCK_NAME:
             path.unlink()
+    with contextlib.suppress(OSError):
+        (run_dir / IMAGES_DIR).rmdir()
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:
@@ -174,20 +224,23 @@ def claim(run_dir: Path, fresh: bool, overwrite: bool = False):
         yield run_dir
         finished = True
     finally:
-        lock.release()
         if started and not finished and fresh and not (run_dir / CHECKPOINT_NAME).exists():
-            remove_run_files(run_dir)
+            remove_run_files(run_dir)           # under the lock: only this run's files
+        lock.release()
+        if started and not finished and fresh:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()                 # only if empty: never anything of the user's
 
 
-def repair_metrics(path: Path, step: int) -> None:
+def repair_metrics(path: Path, step: int, fields: tuple = ("step",)) -> None:
     """Make a metrics file (one JSON record with a ``step`` per line) agree with a checkpoint at ``step``.
 
     Records past ``step`` are dropped: a run killed after writing them but before its
     checkpoint redoes that work on resume, and must not count it twice. A torn last line,
-    the only damage a crash can cause, is dropped too; damage anywhere else is an error
-    naming the file and line, since guessing could lose or duplicate records.
+    the only damage a crash can cause, is dropped too; damage anywhere else, including a
+    record that lacks one of ``fields`` (``METRICS_FIELDS``, ``STEPS_FIELDS``) or holds a
+    non-number there, is an error naming the file and line, since guessing could lose or
+    duplicate records (and the curves drawn from the file would fail at every epoch).
     """
     if not path.exists():
         return
@@ -204,8 +257,9 @@ def repair_metrics(path: Path, step: int) -> None:
                 continue
             raise RunDirError(f"{path}: line {number} is not a JSON record ({exc.msg}); repair or delete "
                               f"that line to resume") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise RunDirError(f"{path}: line {number} has no integer \"step\"; repair or delete that line to resume")
+        problem = record_problem(record, fields)
+        if problem:
+            raise RunDirError(f"{path}: line {number} {problem}; repair or delete that line to resume")
         if record["step"] <= step:
             kept.append(line)
     if torn:
@@ -214,6 +268,22 @@ def repair_metrics(path: Path, step: int) -> None:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def record_problem(record, fields: tuple) -> str | None:
+    """What is wrong with one metrics record (see ``repair_metrics``), or None. ``fields``: names,
+    or tuples of names of which the record has one; ``step`` and ``epoch`` are counts."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not a record"
+    for field in fields:
+        names = field if isinstance(field, tuple) else (field,)
+        name = next((n for n in names if n in record), names[0])
+        value, count = record.get(name), name in ("step", "epoch")
+        if isinstance(value, bool) or not isinstance(value, int if count else (int, float)):
+            return f"has no {'integer' if count else 'number'} {' or '.join(map(json.dumps, names))}"
+        if count and value < 0:
+            return f"has {json.dumps(name)} = {value}, expected a non-negative integer"
+    return None
 
 
 def data_fingerprint(data) -> dict:

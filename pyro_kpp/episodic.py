@@ -137,6 +137,7 @@ class EpisodicModel(PyroModule):
         self.encoder = build_encoder(cfg)                    # by cfg.preset (pyro_kpp.nets)
         self.decoder = build_decoder(cfg, self.likelihood.out_channels(c))
         self._embedding_cache: dict | None = None
+        self._cache_preset: dict | None = None                 # what reuse_embedding starts from (leave_one_out)
         self._memory_shift = 0
 
     def register_parameters(self) -> None:
@@ -247,13 +248,55 @@ class EpisodicModel(PyroModule):
 
     @contextlib.contextmanager
     def reuse_embedding(self):
-        """Share one encoder pass between guide and model (see ``embed``)."""
+        """Share one encoder pass between guide and model (see ``embed``). Inside ``leave_one_out``
+        the cache starts from the leave-one-out embeddings and memories."""
         previous = self._embedding_cache
-        self._embedding_cache = {}
+        self._embedding_cache = dict(self._cache_preset or {})
         try:
             yield
         finally:
             self._embedding_cache = previous
+
+    # -- leave-one-out memories: what the rest of an episode tells about an image --------------
+    def memory_state(self, x: torch.Tensor):
+        """What the model writes from episodes x (B, T, C, H, W) and its programs read, cached under
+        "memory" inside ``reuse_embedding()``; None for a model without a memory (the VAE)."""
+        return None
+
+    def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
+        """Cache entries that make the programs, run on single-image episodes whose embeddings are
+        E_single (B', 1, D), read the memory written from ``others`` (B', T - 1, C, H, W) instead of
+        one written from the image itself. By default the memory state of ``others`` (K++, KM);
+        a model whose memory is a latent variable also sets its prior (DKM)."""
+        state = self.memory_state(others)
+        return {} if state is None else {"memory": state}
+
+    @contextlib.contextmanager
+    def leave_one_out(self, x: torch.Tensor):
+        """Yields the images of x (B, T, C, H, W) as B*T single-image episodes (B*T, 1, C, H, W), row
+        b*T + t holding x_bt; inside, the model and guide run on them (under ``reuse_embedding()``)
+        read, for x_bt, the memory written from the other T - 1 images of episode b: the T memories
+        of each episode are written at once, as a batch of B*T episodes of T - 1 images.
+
+        The bound of the programs on these episodes is ln p(x_t | M written from X without x_t), a
+        proper density over x_t (``pyro_kpp.bound.leave_one_out_particles``). Everything but the
+        memory is as in the full episode: each image's embedding is the one it has in its episode
+        (the same for encoders that do not mix the episode), so the guide's q(keys, z) is unchanged.
+        """
+        B, T = self.check_episode(x)
+        if T < 2:
+            raise ValueError(f"episode: a leave-one-out memory needs episodes of at least 2 images, got T = {T}")
+        others_of = torch.arange(T, device=x.device).expand(T, T)[~torch.eye(T, dtype=torch.bool, device=x.device)]
+        others = x[:, others_of.view(T, T - 1)].flatten(0, 1)            # (B*T, T-1, C, H, W)
+        single = x.flatten(0, 1).unsqueeze(1)                             # (B*T, 1, C, H, W)
+        with self.reuse_embedding():
+            E_single = self.embed(x).flatten(0, 1).unsqueeze(1)           # (B*T, 1, D)
+            preset = {"x": single, "E": E_single, **self.leave_one_out_cache(others, E_single)}
+        previous, self._cache_preset = self._cache_preset, preset
+        try:
+            yield single
+        finally:
+            self._cache_preset = previous
 
     # -- memory swapping: what the memory carries about its own episode ------------------------
     @contextlib.contextmanager

@@ -224,7 +224,8 @@ class Episodes:
         fixed by TEST_SEED (kept as they are for 8-bit data)."""
         if not self.binarize:
             return images
-        return torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(bits_tag, TEST_SEED)).to(torch.uint8)
+        bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(bits_tag, TEST_SEED))
+        return bits.to(torch.uint8)
 
     def _fixed_episodes(self, images: torch.Tensor, bits_tag: int, order_tag: int,
                         labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,19 +339,21 @@ SPLITS = ("train", "test", "valid")
 
 def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: int = 8, *,
                   data_dir: str | None = None, likelihood: str | None = None, valid_images: int = 0,
-                  seed: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+                  seed: int = 0, device: torch.device | str = "cpu",
+                  classes: int | None = None) -> Iterator[torch.Tensor]:
     """Ready batches (B, T, C, H, W) of a data set's episodes, as a run sees them; also callable as
     ``pyro_kpp.episodes(...)``. So a user needs no knowledge of ``load_dataset`` and ``Episodes``.
 
     ``split``: "test" (the fixed test episodes every run is evaluated on), "valid" (the episodes
     of ``valid_images`` images held out of the train split) or "train" (epoch 0 of training with
     ``seed``). Binarized for a Bernoulli likelihood (the default for grey data sets), 8-bit
-    levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``.
+    levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``;
+    ``classes`` as ``--episode-classes`` (N classes per episode, T/N images each).
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
-                 valid_images=valid_images)
+                 valid_images=valid_images, episode_classes=classes)
     episodes = make_episodes(cfg, load_dataset(data, data_dir), torch.device(device))
     if split == "train":
         return episodes.train_epoch(0)

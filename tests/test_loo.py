@@ -175,7 +175,8 @@ def test_class_episodes_hold_n_classes_of_t_over_n_images_and_are_seeded(omniglo
     # background characters train, the evaluation alphabets' new characters test
     assert int(ep.data.train_labels.max()) < OMNIGLOT_BACKGROUND_CHARACTERS <= int(ep.test_labels().min())
     same, other = Episodes(omniglot, 32, 4, seed=7, classes=classes), Episodes(omniglot, 32, 4, seed=8, classes=classes)
-    assert torch.equal(same.train_order(0), ep.train_order(0)) and not torch.equal(other.train_order(0), ep.train_order(0))
+    assert torch.equal(same.train_order(0), ep.train_order(0))
+    assert not torch.equal(other.train_order(0), ep.train_order(0))
     assert not torch.equal(ep.train_order(1), ep.train_order(0))
     assert torch.equal(next(iter(other.test_episodes())), next(iter(ep.test_episodes())))   # fixed, whatever the seed
     assert torch.equal(next(iter(same.train_epoch(0))), next(iter(ep.train_epoch(0))))    # and their bits
@@ -208,3 +209,13 @@ def test_class_measure_counts_samples_nearest_an_episode_class(monkeypatch):
     out = memory_use.class_affinity(model, x, torch.tensor([[0, 1], [2, 3]]), pool, pool_labels)
     assert out["in_classes"].tolist() == [[1.0, 0.0], [1.0, 1.0]]
     torch.testing.assert_close(out["chance"], torch.tensor([3 / 6, 3 / 6]))
+
+
+def test_config_episode_classes_option_and_migration():
+    from pyro_kpp.config import Config
+    old = {k: v for k, v in Config().to_dict().items() if k != "episode_classes"}
+    assert Config.from_dict({**old, "version": 4}).episode_classes is None       # v4 runs drew random episodes
+    assert Config(episode_classes=4).episode_classes == 4
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="episode_classes"):
+            Config(episode_classes=bad)

@@ -68,6 +68,7 @@ class DynamicKanervaMachine(EpisodicModel):
     """DKM: a latent matrix-normal memory addressed by least squares."""
 
     memory_is_latent = True
+    conditional_bound = False                                  # ln p(X): the memory is integrated
     address_site = "w"
     key_name = "addresses w"
     key_scale = W_PRIOR_SCALE

@@ -122,6 +122,10 @@ class EpisodicModel(PyroModule):
     #: (DKM): the images of an episode then share a random memory, so importance weighting
     #: must weight whole episodes (``pyro_kpp.bound.image_bounds``), not images one by one.
     memory_is_latent: bool = False
+    #: True when the model's bound is conditional, ln p(X | M) with M written from X itself (K++
+    #: eq. 4, KM eq. 12); False for a marginal bound (DKM's ln p(X), the VAE's ln p(x)). Only then
+    #: is the leave-one-out minus the full bound what an image gains by storing itself.
+    conditional_bound: bool = True
     #: The latent site of each image's key / address (K++ keys y, KM y, DKM w; None for the VAE):
     #: its KL is reported on its own and may get a training-only weight (pyro_kpp.schedules).
     address_site: str | None = None

@@ -219,3 +219,22 @@ def test_config_episode_classes_option_and_migration():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="episode_classes"):
             Config(episode_classes=bad)
+
+
+def test_evaluate_cli_prints_the_leave_one_out_column(tiny_run, capsys):
+    from pyro_kpp import evaluate as evaluate_cli
+    assert evaluate_cli.main([str(tiny_run), "-S", "2", "--episodes", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "leave-one-out bound" in out and "storing itself" in out
+    r = evaluate_cli.evaluate_run(str(tiny_run), samples=2, max_episodes=2, progress=False)
+    assert r["loo_minus_full"] == pytest.approx(r["test_loo_bound"] - r["test_bound"]) and r["conditional_bound"]
+    assert "test_loo_bound" not in evaluate_cli.evaluate_run(str(tiny_run), samples=2, max_episodes=2,
+                                                             progress=False, leave_one_out=False)
+
+
+def test_progress_counts_the_leave_one_out_particles():
+    from pyro_kpp.evaluate import particle_total
+    x = episode(B=4, T=3).double()
+    ticks = []
+    evaluate(tiny("kpp"), [x[:3], x[3:]], samples=2, tick=ticks.append, leave_one_out=True)
+    assert sum(ticks) == particle_total(4, 3, 3, 2, leave_one_out=True) > particle_total(4, 3, 3, 2)

@@ -143,6 +143,10 @@ class EpisodicModel(PyroModule):
     #: (DKM): the images of an episode then share a random memory, so importance weighting
     #: must weight whole episodes (``pyro_kpp.inference.bound.image_bounds``), not images one by one.
     memory_is_latent: bool = False
+    #: True when the model's bound is conditional, ln p(X | M) with M written from X itself (K++
+    #: eq. 4, KM eq. 12); False for a marginal bound (DKM's ln p(X), the VAE's ln p(x)). Only then
+    #: is the leave-one-out minus the full bound what an image gains by storing itself.
+    conditional_bound: bool = True
     #: The latent site of each image's key / address (K++ keys y, KM y, DKM w; None for the VAE):
     #: its KL is reported on its own and may get a training-only weight (pyro_kpp.inference.schedules).
     address_site: str | None = None
@@ -245,6 +249,21 @@ class EpisodicModel(PyroModule):
                 return self.encoder(x)                           # (B, T, D)
             return over_leading(self.encoder, x, 3)             # (B, T, D)
         return episode_cached(self, x, "E", encode)
+
+    # -- leave-one-out memories: what the rest of an episode tells about an image --------------
+    def memory_state(self, x: torch.Tensor):
+        """What the model writes from episodes x (B, T, C, H, W) and its programs read, cached under
+        "memory" inside ``reuse_embedding``; None for a model without a memory (the VAE)."""
+        return None
+
+    def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
+        """``episode_cached`` values that make the programs, run on single-image episodes whose
+        embeddings are E_single (B', 1, D), read the memory written from ``others``
+        (B', T - 1, C, H, W) instead of one written from the image itself
+        (``pyro_kpp.inference.handlers.leave_one_out``). By default the memory state of ``others`` (K++, KM);
+        a model whose memory is a latent variable also sets its prior (DKM)."""
+        state = self.memory_state(others)
+        return {} if state is None else {"memory": state}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""

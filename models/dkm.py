@@ -54,7 +54,7 @@ import torch
 from pyro_kpp.config import Config
 from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.dkm import DkmGuide
-from pyro_kpp.maths.matrix_normal import bayes_write_step, read_gaussian, ridge_weights
+from pyro_kpp.maths.matrix_normal import MatrixNormal, bayes_write_step, read_gaussian, ridge_weights
 from pyro_kpp.models.km import MemoryPrior, raw_scale
 from pyro_kpp.nets.build import dense_spectral_norm
 
@@ -68,6 +68,7 @@ class DynamicKanervaMachine(EpisodicModel):
     """DKM: a latent matrix-normal memory addressed by least squares."""
 
     memory_is_latent = True
+    conditional_bound = False                                  # ln p(X): the memory is integrated
     address_site = "w"
     key_name = "addresses w"
     key_scale = W_PRIOR_SCALE
@@ -85,21 +86,46 @@ class DynamicKanervaMachine(EpisodicModel):
         R = self.prior.loc.expand(B, K, L)
         U = self.prior.row_covariance().expand(B, K, K)
         for t in range(T):
-            c = codes[:, t]                                               # (B, L)
-            R_t, U_t = R, U
-            for _ in range(self.cfg.dkm_write_iterations):
-                w = ridge_weights(R_t, c.unsqueeze(-2), RIDGE).squeeze(-2)     # (B, K)
-                R_t, U_t = bayes_write_step(R, U, w, c, NOISE_VAR)
-            R, U = R_t, U_t
+            R, U = self.write_step(R, U, codes[:, t])
         return R, U
+
+    def write_step(self, R: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MN(R, U) (B, K, L), (B, K, K) updated with one code c (B, L) at its address solved against
+        the memory (``dkm_write_iterations`` solves, each updating from MN(R, U))."""
+        R_t, U_t = R, U
+        for _ in range(self.cfg.dkm_write_iterations):
+            w = ridge_weights(R_t, c.unsqueeze(-2), RIDGE).squeeze(-2)     # (B, K)
+            R_t, U_t = bayes_write_step(R, U, w, c, NOISE_VAR)
+        return R_t, U_t
+
+    def memory_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes (B, T, L) of x and q(M | X)'s (R, U), (B, K, L) and (B, K, K)."""
+        codes = self.q.codes(self.embed(x))
+        return (codes, *self.write_memory(codes))
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """codes (B, T, L) and q(M | X)'s (R, U) for x, once per x inside ``reuse_embedding``."""
-        def compute():
-            codes = self.q.codes(self.embed(x))
-            return (codes, *self.write_memory(codes))
-        codes, R, U = episode_cached(self, x, "memory", compute)
+        codes, R, U = episode_cached(self, x, "memory", lambda: self.memory_state(x))
         return (codes, *episode_memory((R, U)))
+
+    def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
+        """DKM's memory is latent: written from X without x_t, it is the distribution
+        q(M | X_-t) = MN(R_-t, U_-t), and the leave-one-out model draws M from it instead of p(M):
+        ln p(x_t | M written from X_-t) = ln E_{q(M|X_-t)}[p(x_t | M)], a proper density over x_t.
+        Its guide is DKM's own write continued with x_t's code (one more ``write_step``), so the
+        memory KL of the bound is KL(q(M | X_-t, x_t) || q(M | X_-t)): what storing x_t costs."""
+        _, R, U = self.memory_state(others)                                  # (B', K, L), (B', K, K)
+        codes = self.q.codes(E_single)                                       # (B', 1, L)
+        return {"memory": (codes, *self.write_step(R, U, codes[:, 0])), "memory_prior": (R, U)}
+
+    def memory_prior(self, x: torch.Tensor) -> MatrixNormal:
+        """p(M) = MN(R0, U0), or inside ``leave_one_out`` the memory written from the rest of the
+        episode, MN(R_-t, U_-t) with batch shape (B', 1)."""
+        written = episode_cached(self, x, "memory_prior", lambda: None)
+        if written is None:
+            return self.prior.dist()
+        R, U = written
+        return MatrixNormal(R.unsqueeze(1), torch.linalg.cholesky(U).unsqueeze(1))
 
     def key_shape(self) -> tuple[int, ...]:
         return (self.cfg.slots,)
@@ -115,7 +141,7 @@ class DynamicKanervaMachine(EpisodicModel):
     def model(self, x: torch.Tensor) -> None:
         B, T = self.check_episode(x)
         with pyro.plate("episodes", B, dim=-2):
-            M = pyro.sample("memory", self.prior.dist())                          # (..., B, 1, K, L)
+            M = pyro.sample("memory", self.memory_prior(x))                       # (..., B, 1, K, L)
             with pyro.plate("images", T, dim=-1):
                 w = pyro.sample("w", self.key_prior(x))                           # (..., B, T, K)
                 z_loc, z_scale = read_gaussian(M, w, NOISE_VAR)

@@ -33,6 +33,7 @@ class VAE(EpisodicModel):
     """The memoryless baseline: N(0, I) prior on each image's code."""
 
     key_name = "codes z"
+    conditional_bound = False                                  # ln p(x): there is no memory
 
     def __init__(self, cfg: Config, name: str = "vae"):
         super().__init__(cfg, name)

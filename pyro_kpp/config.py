@@ -15,7 +15,7 @@ from typing import Callable
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
 from pyro_kpp.maths.spatial import KEY_MAPS
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 
 #: Training precisions: "auto" (the default) is bf16 where the device computes it natively
 #: (``pyro_kpp.train.speed.bf16_native``) and float32 elsewhere; "fp32" and "bf16" force one.
@@ -37,6 +37,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     # 3 -> 4: channels-last networks; earlier runs kept PyTorch's default layout. (Version 3 runs
     # stored their precision, so the new default "auto" touches none of them.)
     3: lambda d: {"channels_last": False, **d, "version": 4},
+    # 4 -> 5: class-structured episodes; earlier runs drew random episodes.
+    4: lambda d: {"episode_classes": None, **d, "version": 5},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
@@ -108,6 +110,10 @@ class Config:
     # episodes
     episode_length: int = opt(32, "images per episode T (KM/DKM use 32 on Omniglot)", flags=("-T",))
     batch_size: int = opt(8, "episodes per step B (the global batch under torchrun)", flags=("-B",))
+    episode_classes: int | None = opt(None, "draw every episode (training and test) from N classes, T/N images each "
+                                      "(Omniglot: background alphabets for training, the evaluation alphabets' new "
+                                      "characters for testing; pyro_kpp.data.classes)",
+                                      default_text="none: T random images (the papers' episodes)")
     # K++ memory and reads
     reads: int = opt(2, "K++ reads per image K (paper: 2)", flags=("-K",))
     memory_shape: tuple[int, int, int] = opt((3, 64, 64), "K++ memory C,H,W (paper: 3,64,64)")
@@ -272,6 +278,10 @@ class Config:
                 raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
         if not 0 <= self.key_free_nats < float("inf"):
             raise ValueError(f"key_free_nats: expected a non-negative finite number, got {self.key_free_nats!r}")
+        if self.episode_classes is not None and (isinstance(self.episode_classes, bool)
+                                                 or not isinstance(self.episode_classes, int)
+                                                 or self.episode_classes < 1):
+            raise ValueError(f"episode_classes: expected a positive integer or None, got {self.episode_classes!r}")
         if not isinstance(self.valid_images, int) or self.valid_images < 0:
             raise ValueError(f"valid_images: expected a non-negative integer, got {self.valid_images!r}")
         if not 0 < self.kl_weight <= 1:

@@ -11,6 +11,14 @@ own episode's images than to another's (``pyro_kpp.inference.memory_use``). For 
 (``--likelihood dmol``) both are also given in bits/dim, -bound / (D ln 2) with D = C*H*W
 sub-pixels (K++ Table 1): the likelihood is a probability mass over the 256 levels of each
 sub-pixel, so the figure needs no dequantization correction.
+
+The leave-one-out bound (``pyro_kpp.inference.bound.leave_one_out_particles``) is printed beside the
+conditional bound: each image read from the memory its episode's other T - 1 images wrote. It is a
+proper density over the image, so it ranks against the VAE's bound on the same images (the
+conditional bound does not). For a conditional bound (K++, KM) the leave-one-out minus the full
+figure is the part of it that comes from the image storing itself, a difference of bounds, not
+information; DKM's and the VAE's full bounds are marginal, so for them it is not that. For class-structured episodes (``--episode-classes``) the random-key samples are
+also matched against every test image: how often their nearest one is of the episode's classes.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from pyro_kpp.config import Config
 from pyro_kpp.train.device import resolve_device
 from pyro_kpp.inference.posterior import pareto_k
 from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
-from pyro_kpp.inference.memory_use import diagnose
+from pyro_kpp.inference.memory_use import class_diagnose, diagnose
 from pyro_kpp.data.episodes import make_episodes, test_batches
 
 
@@ -45,9 +53,10 @@ MIN_PSIS_SAMPLES = 21
 K_UNRELIABLE = 0.7
 
 
-def pareto_summary(k: np.ndarray) -> dict:
-    """Counts of the images' Pareto k by the PSIS thresholds, and their median and maximum."""
-    return {"images": int(k.size), "median": float(np.median(k)), "max": float(k.max()),
+def pareto_summary(k: np.ndarray, unit: str = "images") -> dict:
+    """Counts of the Pareto k by the PSIS thresholds, and their median and maximum; one k per
+    set of weights the IW bound averages, ``unit`` naming them (DKM's: "episodes")."""
+    return {"unit": unit, unit: int(k.size), "median": float(np.median(k)), "max": float(k.max()),
             "over_0.5": int((k > 0.5).sum()), f"over_{K_UNRELIABLE}": int((k > K_UNRELIABLE).sum())}
 
 
@@ -55,26 +64,31 @@ def pareto_lines(summary: dict | None) -> list[str]:
     """The report's Pareto-k line, and a warning when the IW bound is unreliable for some images."""
     if summary is None:
         return [f"Pareto k: not fitted (needs --samples >= {MIN_PSIS_SAMPLES})"]
-    bad = summary[f"over_{K_UNRELIABLE}"]
+    bad, unit = summary[f"over_{K_UNRELIABLE}"], summary.get("unit", "images")
+    of = f"{summary[unit]} {unit}"
     lines = [f"Pareto k of the importance weights: median {summary['median']:.2f}, max {summary['max']:.2f}; "
-             f"> 0.5 for {summary['over_0.5']}, > {K_UNRELIABLE} for {bad} of {summary['images']} images"]
+             f"> 0.5 for {summary['over_0.5']}, > {K_UNRELIABLE} for {bad} of {of}"]
     if bad:
-        lines.append(f"warning: Pareto k > {K_UNRELIABLE} for {bad} of {summary['images']} images: the importance-"
+        lines.append(f"warning: Pareto k > {K_UNRELIABLE} for {bad} of {of}: the importance-"
                      f"weighted bound is unreliable for them (the guide's tails are too light); trust the ELBO")
     return lines
 
 
-def particle_total(n_episodes: int, batch_size: int, T: int, samples: int) -> int:
+def particle_total(n_episodes: int, batch_size: int, T: int, samples: int, leave_one_out: bool = False) -> int:
     """Image-particles ``evaluate`` draws over ``n_episodes`` test episodes in batches of ``batch_size``."""
     sizes = [batch_size] * (n_episodes // batch_size) + ([n_episodes % batch_size] if n_episodes % batch_size else [])
-    return sum(b * T * particle_passes(samples, b) for b in sizes)
+    return sum(b * T * particle_passes(samples, b, leave_one_out) for b in sizes)
 
 
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",
-                 data_dir: str | None = None, seed: int = 0, progress: bool = True, compile: bool = False) -> dict:
+                 data_dir: str | None = None, seed: int = 0, progress: bool = True, compile: bool = False,
+                 leave_one_out: bool = True) -> dict:
     """Bounds of a run's checkpoint on its data set's fixed test episodes. ``compile`` runs the
-    networks through ``torch.compile`` (``pyro_kpp.train.speed``; float32 as always): 1.4x faster over
-    the whole test split for a run in the plain layout, no faster in the default channels-last one."""
+    networks through ``torch.compile`` (``pyro_kpp.train.speed``; float32 as always).
+    ``leave_one_out`` adds the leave-one-out bounds (``test_loo_bound``, ``test_loo_iw_bound``,
+    their terms, and ``loo_minus_full``, the leave-one-out minus the full -ELBO: for a conditional
+    bound (``conditional_bound``: K++, KM) the part that comes from each image storing itself);
+    it doubles the particles drawn and needs T >= 2."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples: expected a positive integer, got {samples!r}")
     state = load_checkpoint(run_dir)
@@ -88,19 +102,28 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     episodes = make_episodes(cfg, data, dev)
     torch.manual_seed(seed)
     n_episodes = min(max_episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
-    bar = tqdm(total=particle_total(n_episodes, cfg.batch_size, cfg.episode_length, samples), disable=not progress,
-               desc=f"test images x particles (S={samples})", unit="", unit_scale=True, dynamic_ncols=True)
+    leave_one_out = leave_one_out and cfg.episode_length >= 2
+    bar = tqdm(total=particle_total(n_episodes, cfg.batch_size, cfg.episode_length, samples, leave_one_out),
+               disable=not progress, desc=f"test images x particles (S={samples})", unit="", unit_scale=True,
+               dynamic_ncols=True)
     ks = []
     with bar:
         result = evaluate(model, test_batches(episodes, max_episodes), samples=samples, tick=bar.update,
                           on_log_weights=(lambda lw: ks.append(pareto_k(lw).ravel()))
-                          if samples >= MIN_PSIS_SAMPLES else None)
+                          if samples >= MIN_PSIS_SAMPLES else None, leave_one_out=leave_one_out)
     out = {"model": cfg.model, "data": cfg.data, "likelihood": cfg.likelihood, "step": state["step"],
            "test_bound": result["elbo"], "test_iw_bound": result["iw"],
            "samples": samples, "test_images": result["images"], "test_terms": result["terms"],
            "memory_gain": result["memory_gain"], "test_terms_other_memory": result["foreign_terms"],
-           "pareto_k": pareto_summary(np.concatenate(ks)) if ks else None,
+           "pareto_k": pareto_summary(np.concatenate(ks), "episodes" if model.memory_is_latent else "images")
+           if ks else None, "episode_classes": cfg.episode_classes, "conditional_bound": model.conditional_bound,
            **diagnose(model, test_batches(episodes, max_episodes))}
+    if leave_one_out:
+        out.update(test_loo_bound=result["loo"], test_loo_iw_bound=result["loo_iw"], test_loo_terms=result["loo_terms"],
+                   loo_minus_full=result["loo"] - result["elbo"])
+    if cfg.episode_classes is not None:
+        out.update(class_diagnose(model, test_batches(episodes, max_episodes), episodes.test_labels(),
+                                  *episodes.test_pool()))
     if not LIKELIHOODS[cfg.likelihood].binarized:
         out["test_bits_per_dim"] = bits_per_dim(result["elbo"], cfg.image_shape)
         out["test_iw_bits_per_dim"] = bits_per_dim(result["iw"], cfg.image_shape)
@@ -120,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="compile the networks with torch.compile "
                                                            "(float32 either way; docs/benchmarks.md has measured "
                                                            "ratios)")
+    p.add_argument("--no-leave-one-out", action="store_true", help="skip the leave-one-out bound (it doubles the "
+                                                                   "particles drawn)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--json implies it)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
     try:
         r = evaluate_run(args.run_dir, args.samples, args.episodes, args.device, args.data_dir, args.seed,
-                         progress=not (args.json or args.no_progress), compile=args.compile)
+                         progress=not (args.json or args.no_progress), compile=args.compile,
+                         leave_one_out=not args.no_leave_one_out)
     except (ValueError, TypeError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     if args.json:
@@ -134,10 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']} on {r['data']} ({r['likelihood']} likelihood, step {r['step']}), "
               f"{r['test_images']} test images")
         bits = "test_bits_per_dim" in r
-        print(f"test conditional bound (-ELBO):        {r['test_bound']:.2f} nats/image"
+        kind = "conditional" if r["conditional_bound"] else "marginal"
+        print(f"{f'test {kind} bound (-ELBO):':38s} {r['test_bound']:.2f} nats/image"
               + (f" = {r['test_bits_per_dim']:.4f} bits/dim" if bits else ""))
         print(f"test importance-weighted bound, S={r['samples']}: {r['test_iw_bound']:.2f} nats/image"
               + (f" = {r['test_iw_bits_per_dim']:.4f} bits/dim" if bits else ""))
+        if "test_loo_bound" in r:
+            print(f"leave-one-out bound (-ELBO, memory written without the image): {r['test_loo_bound']:.2f} "
+                  f"nats/image; importance-weighted, S={r['samples']}: {r['test_loo_iw_bound']:.2f}")
+            what = ("part of the conditional bound from the image storing itself" if r["conditional_bound"] else
+                    "the full bound is marginal, so this is not self-storage")
+            print(f"  leave-one-out - full: {r['loo_minus_full']:.2f} nats/image ({what}; a difference of bounds, "
+                  f"not information)")
         other = r["test_terms_other_memory"] or {}
         for name, value in r["test_terms"].items():
             print(f"  {name + ':':36s} {value:8.2f}" + (f"   (other episode's memory: {other[name]:.2f})"
@@ -151,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"random-key samples nearest to their own episode's images: {r['sample_nearest_own']:.1%} "
                   f"(chance 50%); nearest-image distance {r['sample_distance_own']:.4f} own, "
                   f"{r['sample_distance_other']:.4f} another episode's")
+        if r["episode_classes"] is not None:
+            print(f"random-key samples whose nearest test image is of one of the episode's {r['episode_classes']} "
+                  f"classes: {r['sample_nearest_in_classes']:.1%} (chance {r['sample_nearest_in_classes_chance']:.2%})")
     return 0
 
 

@@ -20,6 +20,7 @@ from pyro_kpp.config import Config
 from pyro_kpp.data.base import DataError, ImageData
 from pyro_kpp.data.sets import TEST_SEED, load_dataset
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
+from pyro_kpp.data.classes import check_classes, class_episode_index, class_split, max_class_episodes
 
 # Domain tags so that the seeds of different random streams never coincide.
 _TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
@@ -53,6 +54,10 @@ class Episodes:
 
     Randomness is a function of (seed, epoch, step) only, so a run resumed at any step sees
     exactly the batches an uninterrupted run would have seen.
+
+    ``classes`` = N draws every episode, training and test, from N classes, T/N images each, from
+    the split ``pyro_kpp.data.classes`` describes (Omniglot: background / evaluation alphabets);
+    None (the default) keeps the random episodes above.
     """
 
     def __init__(
@@ -66,10 +71,18 @@ class Episodes:
         as_uint8: bool = False,
         device: torch.device | str = "cpu",
         valid_images: int = 0,
+        classes: int | None = None,
     ) -> None:
         self.episode_length = _check_count("episode_length", episode_length)
         self.batch_size = _check_count("batch_size", batch_size)
         self.seed = _check_count("seed", seed, minimum=0)
+        self.classes = classes
+        if classes is not None:
+            data = class_split(data)
+            self.per_class = check_classes(data, classes, self.episode_length)
+            if valid_images:
+                raise DataError("valid_images: class-structured episodes (episode_classes) hold no validation "
+                                "images out; use valid_images=0")
         for split in ("train", "test"):
             n = len(getattr(data, split))
             if self.episode_length > n:
@@ -86,6 +99,7 @@ class Episodes:
         train, self._valid_images = self._carve_validation(data.train, _check_count("valid_images", valid_images, 0))
         self._train = train.to(self.device)
         self._test: torch.Tensor | None = None   # (E, T, C, H, W) uint8, built on first use
+        self._test_index: torch.Tensor | None = None   # (E, T): where each test image is in data.test
         self._valid: torch.Tensor | None = None  # the same for the validation images
 
     def _carve_validation(self, train: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +118,10 @@ class Episodes:
         return self.batch_size * self.episode_length
 
     def steps_per_epoch(self) -> int:
-        """ceil(N_train / (batch_size * episode_length))."""
+        """ceil(N_train / (batch_size * episode_length)); for class episodes ceil(E / batch_size)
+        with E the most episodes one draw of the train split forms (``max_class_episodes``)."""
+        if self.classes is not None:
+            return math.ceil(max_class_episodes(self.data.train_labels, self.classes, self.per_class) / self.batch_size)
         return math.ceil(len(self._train) / self.images_per_step)
 
     # ---- training ------------------------------------------------------------------------
@@ -126,10 +143,16 @@ class Episodes:
         return self._train_batches(order, epoch, start_step)
 
     def train_order(self, epoch: int) -> torch.Tensor:
-        """Train-split indices (steps_per_epoch, B, T) of epoch ``epoch``."""
-        n, steps = len(self._train), self.steps_per_epoch()
-        perm = torch.randperm(n, generator=_generator(_TRAIN_ORDER, self.seed, epoch))
-        wrapped = perm[torch.arange(steps * self.images_per_step) % n]
+        """Train-split indices (steps_per_epoch, B, T) of epoch ``epoch``. Class episodes: one draw
+        (``class_episode_index``) seeded by (seed, epoch), completed by wrapping to its first episodes."""
+        steps, gen = self.steps_per_epoch(), _generator(_TRAIN_ORDER, self.seed, epoch)
+        if self.classes is not None:
+            drawn = class_episode_index(self.data.train_labels, self.classes, self.per_class, gen)   # (E, T)
+            wrapped = drawn[torch.arange(steps * self.batch_size) % len(drawn)]
+        else:
+            n = len(self._train)
+            perm = torch.randperm(n, generator=gen)
+            wrapped = perm[torch.arange(steps * self.images_per_step) % n]
         return wrapped.view(steps, self.batch_size, self.episode_length).to(self.device)
 
     def _train_batches(self, order: torch.Tensor, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
@@ -147,8 +170,25 @@ class Episodes:
     # ---- testing -------------------------------------------------------------------------
 
     def num_test_episodes(self) -> int:
-        """floor(N_test / T): the remainder that does not fill an episode is dropped."""
+        """floor(N_test / T): the remainder that does not fill an episode is dropped; class episodes:
+        as many as the fixed draw formed."""
+        if self.classes is not None:
+            return len(self._test_data())
         return len(self.data.test) // self.episode_length
+
+    def test_labels(self) -> torch.Tensor:
+        """The class labels (E, T) of the fixed test episodes' images, in their order."""
+        if self.data.test_labels is None:
+            raise DataError(f"data: {self.data.name} has no class labels")
+        self._test_data()
+        return self.data.test_labels[self._test_index]
+
+    def test_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every test-split image as the test episodes present it (the same bits), (N, C, H, W),
+        and its label (N,): what random-key samples are matched against (``pyro_kpp.inference.memory_use``)."""
+        if self.data.test_labels is None:
+            raise DataError(f"data: {self.data.name} has no class labels")
+        return self._present_test(self._binarized(self.data.test, _TEST_BITS).to(self.device)), self.data.test_labels
 
     def test_episodes(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
         """The fixed test episodes, in batches of ``batch_size`` episodes (default
@@ -171,23 +211,36 @@ class Episodes:
             raise ValueError("valid_images: no validation images were held out (valid_images=0)")
         batch_size = self.batch_size if batch_size is None else _check_count("batch_size", batch_size)
         if self._valid is None:
-            self._valid = self._fixed_episodes(self._valid_images, _VALID_BITS, _VALID_ORDER)
+            self._valid = self._fixed_episodes(self._valid_images, _VALID_BITS, _VALID_ORDER)[0]
         return (self._present_test(self._valid[i: i + batch_size]) for i in range(0, len(self._valid), batch_size))
 
     def _test_data(self) -> torch.Tensor:
         if self._test is None:
-            self._test = self._fixed_episodes(self.data.test, _TEST_BITS, _TEST_ORDER)
+            labels = self.data.test_labels if self.classes is not None else None
+            self._test, self._test_index = self._fixed_episodes(self.data.test, _TEST_BITS, _TEST_ORDER, labels)
         return self._test
 
-    def _fixed_episodes(self, images: torch.Tensor, bits_tag: int, order_tag: int) -> torch.Tensor:
-        """Images (CPU, so the bits do not depend on the device) binarized once, permuted and cut
-        into episodes of T with generators fixed by TEST_SEED; the remainder is dropped."""
-        if self.binarize:
-            bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(bits_tag, TEST_SEED))
-            images = bits.to(torch.uint8)
-        perm = torch.randperm(len(images), generator=_generator(order_tag, TEST_SEED))
-        n_ep, t = len(images) // self.episode_length, self.episode_length
-        return images[perm[: n_ep * t]].view(n_ep, t, *images.shape[1:]).to(self.device)
+    def _binarized(self, images: torch.Tensor, bits_tag: int) -> torch.Tensor:
+        """Images (CPU, so the bits do not depend on the device) binarized once with a generator
+        fixed by TEST_SEED (kept as they are for 8-bit data)."""
+        if not self.binarize:
+            return images
+        bits = torch.bernoulli(images.to(torch.float32) / 255.0, generator=_generator(bits_tag, TEST_SEED))
+        return bits.to(torch.uint8)
+
+    def _fixed_episodes(self, images: torch.Tensor, bits_tag: int, order_tag: int,
+                        labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images binarized once (``_binarized``), permuted and cut into episodes of T with a
+        generator fixed by TEST_SEED, the remainder dropped; with ``labels``, one draw of class
+        episodes instead. Returns the episodes (E, T, C, H, W) and their indices (E, T) into ``images``."""
+        images, gen = self._binarized(images, bits_tag), _generator(order_tag, TEST_SEED)
+        if labels is not None:
+            index = class_episode_index(labels, self.classes, self.per_class, gen)        # (E, T)
+        else:
+            perm = torch.randperm(len(images), generator=gen)
+            n_ep, t = len(images) // self.episode_length, self.episode_length
+            index = perm[: n_ep * t].view(n_ep, t)
+        return images[index].to(self.device), index
 
     def _present_test(self, batch: torch.Tensor) -> torch.Tensor:
         if self.binarize:
@@ -265,7 +318,7 @@ def make_episodes(cfg: Config, data: ImageData, device: torch.device) -> Episode
     """The run's episodes: binarized for a binary likelihood, 8-bit grey levels k/255 otherwise."""
     binarize = LIKELIHOODS[cfg.likelihood].binarized
     return Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=binarize, device=device,
-                    valid_images=cfg.valid_images)
+                    valid_images=cfg.valid_images, classes=cfg.episode_classes)
 
 
 def test_batches(episodes: Episodes, max_episodes: int | None, split: str = "test"):
@@ -287,19 +340,21 @@ SPLITS = ("train", "test", "valid")
 
 def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: int = 8, *,
                   data_dir: str | None = None, likelihood: str | None = None, valid_images: int = 0,
-                  seed: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+                  seed: int = 0, device: torch.device | str = "cpu",
+                  classes: int | None = None) -> Iterator[torch.Tensor]:
     """Ready batches (B, T, C, H, W) of a data set's episodes, as a run sees them; also callable as
     ``pyro_kpp.episodes(...)``. So a user needs no knowledge of ``load_dataset`` and ``Episodes``.
 
     ``split``: "test" (the fixed test episodes every run is evaluated on), "valid" (the episodes
     of ``valid_images`` images held out of the train split) or "train" (epoch 0 of training with
     ``seed``). Binarized for a Bernoulli likelihood (the default for grey data sets), 8-bit
-    levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``.
+    levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``;
+    ``classes`` as ``--episode-classes`` (N classes per episode, T/N images each).
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
-                 valid_images=valid_images)
+                 valid_images=valid_images, episode_classes=classes)
     episodes = make_episodes(cfg, load_dataset(data, data_dir), torch.device(device))
     if split == "train":
         return episodes.train_epoch(0)

@@ -47,6 +47,9 @@ OMNIGLOT_N_FILES = 32_460
 OMNIGLOT_N_TRAIN = 24_345
 OMNIGLOT_N_TEST = 8_115
 OMNIGLOT_SIZE = 28
+#: Characters of ``images_background`` (30 alphabets): their global ids are 1..964 in the file
+#: names, labels 0..963; ``images_evaluation``'s 20 alphabets hold ids 965..1623.
+OMNIGLOT_BACKGROUND_CHARACTERS = 964
 # Bump when the decoding protocol changes so that old caches are ignored.
 OMNIGLOT_CACHE_VERSION = 1
 _OMNIGLOT_NAME = re.compile(r"(\d{4})_(\d{2})\.png")
@@ -66,6 +69,25 @@ def load_omniglot(name: str, root: pathlib.Path, offline: bool) -> ImageData:
     images, labels = _omniglot_tensors(folder, files)
     train_idx, test_idx = omniglot_split(len(files))
     return ImageData(name, images[train_idx], images[test_idx], labels[train_idx], labels[test_idx])
+
+
+def omniglot_by_alphabet(data: ImageData) -> ImageData:
+    """The same images re-split by alphabet (Lake et al., 2015): train = the 964 characters of
+    ``images_background``, test = the 659 new characters of ``images_evaluation``, every drawing
+    of each (20 per character). Class-structured episodes use it (``pyro_kpp.class_episodes``):
+    a test character was never seen in training, so what a memory tells about a test image can
+    only come from the other drawings its episode holds. Labels stay the global character ids."""
+    if data.train_labels is None or data.test_labels is None:
+        raise DataError(f"data: {data.name} has no character labels to split by alphabet")
+    images = torch.cat([data.train, data.test])                       # (N, 1, 28, 28)
+    labels = torch.cat([data.train_labels, data.test_labels])        # (N,)
+    order = torch.argsort(labels, stable=True)                        # a fixed order: by character
+    images, labels = images[order], labels[order]
+    background = labels < OMNIGLOT_BACKGROUND_CHARACTERS
+    if bool(background.all()) or not bool(background.any()):
+        raise DataError(f"data: {data.name} has no characters on one side of the background/evaluation "
+                        f"boundary (label {OMNIGLOT_BACKGROUND_CHARACTERS}); is it the full Omniglot?")
+    return ImageData(data.name, images[background], images[~background], labels[background], labels[~background])
 
 
 def _omniglot_fetch(root: pathlib.Path):

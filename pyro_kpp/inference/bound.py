@@ -13,6 +13,14 @@ images are conditionally independent, so the weights factor per image:
     ln p(x_t | M) >= E[ ln (1/S) sum_s p(x_t, y_s, z_s | M) / q(y_s, z_s | X) ],
 
 S = 1 is the ELBO; larger S is tighter (Burda et al., 2016).
+
+Leave-one-out bound (``leave_one_out_particles``): the same bounds of ln p(x_t | M written from X
+without x_t), each image read from the memory of the other T - 1 images of its episode
+(``pyro_kpp.inference.handlers.leave_one_out``). The conditional bound above lets x_t store itself in the memory
+it is read from; the leave-one-out bound does not, so it is a density over x_t that can be ranked
+against the VAE's ln p(x_t) (for the VAE they are the same bound). The leave-one-out minus the full
+figure is the part of the conditional bound that comes from x_t storing itself: a difference of
+two bounds, not an amount of information.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_kpp.models.base import EpisodicModel
-from pyro_kpp.inference.handlers import foreign_memory, reuse_embedding
+from pyro_kpp.inference.handlers import foreign_memory, leave_one_out, reuse_embedding
 
 PARTICLE_DIM = -3  # left of the episodes (-2) and images (-1) plates
 
@@ -191,12 +199,34 @@ def log_weights(model: EpisodicModel, x: torch.Tensor, samples: int = 1, chunk: 
     return _particles(model, x, samples, chunk)[0]
 
 
+def iw_log_weights(model: EpisodicModel, lw: torch.Tensor) -> torch.Tensor:
+    """The log weights the IW bound averages, from per-image ones lw (S, B, T): the same, or for a
+    latent memory (DKM) the episodes' (S, B, 1), the product over the T images that share each
+    particle's memory. Pareto k is fitted on these (``pyro_kpp.evaluate``)."""
+    return lw.sum(-1, keepdim=True) if model.memory_is_latent else lw
+
+
 def _bounds(model: EpisodicModel, lw: torch.Tensor) -> dict[str, torch.Tensor]:
     S, T = lw.shape[0], lw.shape[-1]
-    if model.memory_is_latent:
-        iw = (torch.logsumexp(lw.sum(-1, keepdim=True), 0) - math.log(S)) / T
-        return {"elbo": lw.mean(0), "iw": iw.expand(lw.shape[1:])}
-    return {"elbo": lw.mean(0), "iw": torch.logsumexp(lw, 0) - math.log(S)}
+    weights = iw_log_weights(model, lw)                          # (S, B, T) or (S, B, 1)
+    iw = (torch.logsumexp(weights, 0) - math.log(S)) / (T if model.memory_is_latent else 1)
+    return {"elbo": lw.mean(0), "iw": iw.expand(lw.shape[1:])}
+
+
+@torch.no_grad()
+def leave_one_out_particles(model: EpisodicModel, x: torch.Tensor, samples: int, tick=None):
+    """Bounds of ln p(x_t | M written from X without x_t) for the episodes x (B, T, C, H, W), T >= 2.
+
+    Returns the per-image bounds {"elbo", "iw"} (B, T), the log weights (S, B, T) and the ELBO's
+    terms (B, T) each. Each image is a one-image episode reading the memory its T - 1 neighbours
+    wrote (``pyro_kpp.inference.handlers.leave_one_out``), so the IW bound is per image for every model (DKM's
+    leave-one-out memory is drawn per image).
+    """
+    B, T = x.shape[:2]
+    with leave_one_out(model, x) as single:                       # (B*T, 1, C, H, W)
+        lw, terms = _particles(model, single, samples, tick=tick)   # (S, B*T, 1), {term: (B*T, 1)}
+    bounds = {name: b.view(B, T) for name, b in _bounds(model, lw).items()}
+    return bounds, lw.view(samples, B, T), {name: term.view(B, T) for name, term in terms.items()}
 
 
 def image_bounds(model: EpisodicModel, x: torch.Tensor, samples: int = 1) -> dict[str, torch.Tensor]:
@@ -234,18 +264,21 @@ def _add(totals: dict, terms: dict[str, torch.Tensor]) -> None:
         totals[name] = totals.get(name, 0.0) + float(term.sum())
 
 
-def particle_passes(samples: int, episodes: int) -> int:
-    """Particles per image ``evaluate`` draws for a batch of ``episodes``: the S of the bounds, and
-    for two episodes or more the gain's paired own / other-memory particles (re-drawn unless S is
-    ``GAIN_SAMPLES`` or fewer). For progress bars: ``tick`` counts image-particles."""
+def particle_passes(samples: int, episodes: int, leave_one_out: bool = False) -> int:
+    """Particles per image ``evaluate`` draws for a batch of ``episodes``: the S of the bounds (twice
+    with the leave-one-out bound), and for two episodes or more the gain's paired own / other-memory
+    particles (re-drawn unless S is ``GAIN_SAMPLES`` or fewer). For progress bars: ``tick`` counts
+    image-particles."""
+    passes = samples * (2 if leave_one_out else 1)
     if episodes < 2:
-        return samples
+        return passes
     k = min(samples, GAIN_SAMPLES)
-    return samples + k + (k if k != samples else 0)
+    return passes + k + (k if k != samples else 0)
 
 
 @torch.no_grad()
-def evaluate(model: EpisodicModel, batches, samples: int = 1, tick=None, on_log_weights=None) -> dict:
+def evaluate(model: EpisodicModel, batches, samples: int = 1, tick=None, on_log_weights=None,
+             leave_one_out: bool = False) -> dict:
     """Negative bounds in nats/image over the episode batches (e.g. the fixed test episodes).
 
     Returns the negative ELBO (``elbo``) and IW bound (``iw``) with S samples, and the ELBO's
@@ -255,25 +288,34 @@ def evaluate(model: EpisodicModel, batches, samples: int = 1, tick=None, on_log_
     batches of two episodes or more (``gain_images``). Both ELBOs use the *same* random draws
     (``min(S, GAIN_SAMPLES)`` particles, the RNG rewound), so what does not read the memory
     cancels exactly: the VAE's gain is 0 to the bit. ``foreign_terms`` are the terms with the
-    other episode's memory. ``on_log_weights``, if given, is called with each batch's (S, B, T)
-    log weights (e.g. for Pareto-k diagnostics); ``tick(n)``, if given, after each vectorised pass
-    with the n image-particles it evaluated (``particle_passes`` per image in all).
+    other episode's memory. ``on_log_weights``, if given, is called with each batch's log weights
+    as the IW bound uses them (``iw_log_weights``: (S, B, T), DKM's (S, B, 1)), e.g. for Pareto-k
+    diagnostics; ``tick(n)``, if given, after each vectorised pass with the n image-particles it
+    evaluated (``particle_passes`` per image in all).
+
+    ``leave_one_out``: also the negative leave-one-out bounds (``loo``, ``loo_iw``, S samples) and
+    the ELBO's terms (``loo_terms``), each image read from the memory written without it
+    (``leave_one_out_particles``); needs T >= 2.
     """
     was_training = model.training
     model.eval()
     elbo_sum = iw_sum = gain_sum = 0.0
     images = gain_images = 0
-    terms, foreign_terms = {}, {}
+    terms, foreign_terms, loo, loo_terms = {}, {}, {}, {}
     for x in batches:
         replay = _Replay(x.device)
         lw, own_terms = _particles(model, x, samples, tick=tick)  # (S, B, T), {term: (B, T)}
         if on_log_weights is not None:
-            on_log_weights(lw)
+            on_log_weights(iw_log_weights(model, lw))
         b = _bounds(model, lw)
         elbo_sum += float(b["elbo"].sum())
         iw_sum += float(b["iw"].sum())
         images += b["elbo"].numel()
         _add(terms, own_terms)
+        if leave_one_out:
+            loo_bounds, _, terms_loo = leave_one_out_particles(model, x, samples, tick=tick)
+            _add(loo, loo_bounds)
+            _add(loo_terms, terms_loo)
         if x.shape[0] < 2:                                       # no other episode to swap with
             continue
         k = min(samples, GAIN_SAMPLES)
@@ -289,8 +331,10 @@ def evaluate(model: EpisodicModel, batches, samples: int = 1, tick=None, on_log_
     model.train(was_training)
     if images == 0:
         raise ValueError("evaluate: no episodes to evaluate")
+    loo_out = {"loo": -loo["elbo"] / images, "loo_iw": -loo["iw"] / images,
+               "loo_terms": {name: total / images for name, total in loo_terms.items()}} if leave_one_out else {}
     return {"elbo": -elbo_sum / images, "iw": -iw_sum / images, "samples": samples, "images": images,
-            "terms": {name: total / images for name, total in terms.items()},
+            **loo_out, "terms": {name: total / images for name, total in terms.items()},
             "memory_gain": gain_sum / gain_images if gain_images else None,
             "foreign_terms": {name: total / gain_images for name, total in foreign_terms.items()}
             if gain_images else None,

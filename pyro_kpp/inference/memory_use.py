@@ -15,6 +15,9 @@ minus the bound with the episode's own). This module adds two diagnostics that s
   memory's own episode more than like another episode? For each sample, its nearest image (mean
   squared pixel distance) among the episode's own T images and episode b + 1's T images; the
   fraction whose nearest image is the own episode's is 0.5 for a memory that ignores its episode.
+* ``class_affinity`` (class-structured episodes, ``--episode-classes``): the same samples' nearest
+  image among *all* test images; the fraction whose nearest image is of one of the episode's
+  classes, against the chance that a random test image is.
 """
 from __future__ import annotations
 
@@ -50,6 +53,66 @@ def spread(memory: Memory) -> dict[str, float]:
     return {"within": float(m.std(1).mean()), "across": float(m.std(0).mean())}
 
 
+def random_key_samples(model: EpisodicModel, memory: Memory, n: int, generator: torch.Generator | None = None):
+    """Mean images (B, n, C*H*W) of ``n`` samples per episode: keys from the key prior, z from
+    p(z | M, keys) (``EpisodicModel.generate``)."""
+    keys = model.prior_keys(memory, n, generator=generator)                     # (B, n, *key_shape)
+    return model.likelihood.mean(model.generate(memory, keys, generator=generator)).flatten(2)
+
+
+#: Test images compared with the samples at once in ``class_affinity`` (bounds the distance matrix).
+POOL_CHUNK = 4096
+
+
+@torch.no_grad()
+def class_affinity(model: EpisodicModel, x: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor,
+                   pool_labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Do random-key samples of a class episode's memory look like its classes?
+
+    For T random-key samples of each episode x (B, T, C, H, W) with labels (B, T), the nearest
+    image (mean squared pixel distance) among ``pool`` (N, C, H, W), labelled ``pool_labels`` (N,):
+    ``in_classes`` (B, T) is 1 where its label is one of the episode's, and ``chance`` (B,) the
+    fraction of the pool in the episode's classes (what a sample landing on a random pool image scores).
+    """
+    flat = random_key_samples(model, model.write(x), x.shape[1], generator).flatten(0, 1)   # (B*T, D)
+    best = torch.full((len(flat),), float("inf"), dtype=flat.dtype, device=flat.device)
+    nearest = torch.zeros(len(flat), dtype=torch.int64, device=flat.device)
+    for start in range(0, len(pool), POOL_CHUNK):
+        chunk = pool[start:start + POOL_CHUNK].to(flat.dtype).flatten(1)              # (n, D)
+        d = torch.cdist(flat, chunk).pow(2) / flat.shape[1]                           # (B*T, n)
+        value, where = d.min(1)
+        better = value < best
+        best, nearest = torch.where(better, value, best), torch.where(better, where + start, nearest)
+    labels, pool_labels = labels.to(flat.device), pool_labels.to(flat.device)
+    found = pool_labels[nearest].view(x.shape[:2])                                       # (B, T)
+    in_classes = (found[:, :, None] == labels[:, None, :]).any(-1)                       # (B, T)
+    chance = (pool_labels[None, :, None] == labels[:, None, :]).any(-1).to(flat.dtype).mean(1)   # (B,)
+    return {"in_classes": in_classes.to(flat.dtype), "chance": chance}
+
+
+@torch.no_grad()
+def class_diagnose(model: EpisodicModel, batches, labels: torch.Tensor, pool: torch.Tensor,
+                   pool_labels: torch.Tensor, seed: int = 0) -> dict:
+    """``class_affinity`` over the episode batches, whose labels are ``labels`` (E, T) in the same
+    order (e.g. ``Episodes.test_labels()``): the fraction of random-key samples whose nearest pool
+    image is of one of their episode's classes, and its chance level; samples drawn with ``seed``."""
+    was_training = model.training
+    model.eval()
+    hits = chance = 0.0
+    samples = episodes = 0
+    generator = None
+    for x in batches:
+        if generator is None:
+            generator = torch.Generator(x.device).manual_seed(seed)
+        out = class_affinity(model, x, labels[episodes:episodes + len(x)], pool, pool_labels, generator)
+        hits, chance = hits + float(out["in_classes"].sum()), chance + float(out["chance"].sum())
+        samples, episodes = samples + out["in_classes"].numel(), episodes + len(x)
+    model.train(was_training)
+    if episodes == 0:
+        raise ValueError("class_diagnose: no episodes")
+    return {"sample_nearest_in_classes": hits / samples, "sample_nearest_in_classes_chance": chance / episodes}
+
+
 @torch.no_grad()
 def sample_affinity(model: EpisodicModel, x: torch.Tensor, memory: Memory, n: int | None = None,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -59,10 +122,8 @@ def sample_affinity(model: EpisodicModel, x: torch.Tensor, memory: Memory, n: in
     sample's mean image to its nearest image of episode b and of episode b + 1 (needs B >= 2).
     Samples draw keys from the key prior and z from p(z | M, keys) (``EpisodicModel.generate``).
     """
-    n = x.shape[1] if n is None else n
-    keys = model.prior_keys(memory, n, generator=generator)                     # (B, n, *key_shape)
-    images = model.likelihood.mean(model.generate(memory, keys, generator=generator))   # (B, n, C, H, W)
-    flat, data = images.flatten(2), x.to(images.dtype).flatten(2)               # (B, n, D), (B, T, D)
+    flat = random_key_samples(model, memory, x.shape[1] if n is None else n, generator)   # (B, n, D)
+    data = x.to(flat.dtype).flatten(2)                                          # (B, T, D)
     out = {}
     for name, episode in (("own", data), ("other", roll_episodes(data))):
         d = (flat[:, :, None] - episode[:, None]).pow(2).mean(-1)              # (B, n, T), exact

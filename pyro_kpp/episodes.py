@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import types
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from .config import Config
 from .data import TEST_SEED, DataError, ImageData, load_dataset
 from .likelihoods import LIKELIHOODS
+
+if TYPE_CHECKING:                                           # for the annotation only: no import at run time
+    from .episodic import EpisodicModel
 
 # Domain tags so that the seeds of different random streams never coincide.
 _TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
@@ -287,7 +290,7 @@ SPLITS = ("train", "test", "valid")
 
 
 def load_episodes(data: str | None = None, split: str = "test", T: int | None = None, B: int | None = None, *,
-                  run: "EpisodicModel | str | os.PathLike | None" = None, data_dir: str | None = None,
+                  run: EpisodicModel | str | os.PathLike | None = None, data_dir: str | None = None,
                   likelihood: str | None = None,
                   valid_images: int | None = None, seed: int | None = None,
                   device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:

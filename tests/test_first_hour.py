@@ -18,7 +18,6 @@ import torchvision
 import pyro_kpp
 from pyro_kpp import data as D
 from pyro_kpp import plot, speed, svi
-from pyro_kpp.bench.report import QUICK_VERDICT, table_rows
 from pyro_kpp.config import Config
 
 from helpers import tiny_config
@@ -155,6 +154,8 @@ def test_plot_of_two_runs_writes_beside_them_over_steps(tiny_run, tmp_path, monk
 
 
 def test_quick_benchmark_judges_no_target():
+    from pyro_kpp.bench.report import QUICK_VERDICT, table_rows
+
     target = SimpleNamespace(text="K++ step / DKM step <= 0.5", value=0.8, met=False)
     assert table_rows({}, [target], quick=True)[-1][2] == f"0.800 {QUICK_VERDICT}"
     assert table_rows({}, [target])[-1][2] == "0.800 NOT MET"
@@ -169,3 +170,10 @@ def test_epoch_line_shows_both_kl_weights():
 def test_a_memory_of_one_episode_says_episode(model, episode):
     assert "1 episode," in repr(pyro_kpp.write(model, episode[:1]))
     assert "2 episodes," in repr(pyro_kpp.write(model, episode))
+
+
+def test_a_missing_run_names_the_timestamped_runs_like_it(tiny_run, tmp_path):
+    """``evaluate runs/omniglot-kpp`` after a run without --run-dir (runs/omniglot-kpp-<time>)."""
+    shutil.copytree(tiny_run, tmp_path / "runs" / "omniglot-kpp-20261203-101010", ignore=shutil.ignore_patterns(".lock"))
+    with pytest.raises(ValueError, match="the newest .*omniglot-kpp-20261203-101010.*--run-dir"):
+        pyro_kpp.load(tmp_path / "runs" / "omniglot-kpp")

@@ -15,7 +15,8 @@ and what one block makes (a run folder, a variable) the next block sees. The con
   - ``<!-- not run: REASON -->``: the block is not run; REASON must not be empty;
   - ``<!-- test args: ARGS -->``: shell blocks: ARGS are appended to every ``python -m
     pyro_kpp.X`` command of the block, after ``DEFAULT_ARGS`` (argparse: the last occurrence
-    of an option wins, so ARGS can override a default);
+    of an option wins, so ARGS can override a default); ``<!-- test args svi: ARGS -->``
+    appends them to that CLI's commands only;
   - ``<!-- test replace: OLD => NEW -->``: OLD is replaced by NEW in the block before it runs
     (several lines allowed; OLD must occur in the block, so a marker cannot go stale).
 
@@ -63,7 +64,7 @@ DEFAULT_ARGS = {
 RESUME_STEPS = 2
 DATA_PLACEHOLDER = "/path/to/data"
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)\s*$")
-MARKER = re.compile(r"^<!--\s*(not run|test args|test replace)\s*:\s*(.*?)\s*-->$")
+MARKER = re.compile(r"^<!--\s*(not run|test args(?: [\w-]+)?|test replace)\s*:\s*(.*?)\s*-->$")
 LOOKS_LIKE_MARKER = re.compile(r"^<!--\s*(not[\s_-]*run|test\b)", re.I)
 RUN_PATH = re.compile(r"(?<![\w./-])runs/[\w+-]+(?![\w.+-])")
 SHELL_SYNTAX = re.compile(r"[|;<>`$]")
@@ -100,7 +101,7 @@ def read_blocks(page: Path) -> list[Block]:
         markers, problem, j = [], None, i - 1
         while j >= 0 and lines[j].startswith("<!--"):
             found = MARKER.match(lines[j].strip())
-            if found and (found.group(2) or found.group(1) == "test args"):
+            if found and (found.group(2) or found.group(1).startswith("test args")):
                 markers.insert(0, (found.group(1), found.group(2)))
             elif found or LOOKS_LIKE_MARKER.match(lines[j]):
                 problem = (f"marker {lines[j].strip()!r}: expected <!-- not run: REASON -->, <!-- test args: ARGS --> "
@@ -188,7 +189,8 @@ def run_command(block: Block, words: list[str], s: Session, tiny_run: Path) -> N
                     f"the test runs; mark the block <!-- not run: REASON -->", pytrace=False)
     cli, args = words[2].removeprefix("pyro_kpp."), words[3:]
     defaults = DEFAULT_ARGS.get(cli)
-    if defaults is None and not block.marker("test args"):
+    extra = [w for kind in ("test args", f"test args {cli}") for value in block.marker(kind) for w in shlex.split(value)]
+    if defaults is None and not extra:
         pytest.fail(f"{block.where}: pyro_kpp.{cli} has no test-size arguments: give them with "
                     f"<!-- test args: ARGS --> or mark the block <!-- not run: REASON -->", pytrace=False)
     defaults = list(defaults or [])
@@ -200,7 +202,6 @@ def run_command(block: Block, words: list[str], s: Session, tiny_run: Path) -> N
             defaults[defaults.index("--max-steps") + 1] = str(last["step"] + RESUME_STEPS)
     else:
         provide_runs(RUN_PATH.findall(" ".join(args)), s.cwd, tiny_run)
-    extra = [w for value in block.marker("test args") for w in shlex.split(value)]
     argv = [sys.executable, "-m", f"pyro_kpp.{cli}", *args, *defaults, *extra]
     done = subprocess.run(argv, cwd=s.cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (f"{block.where}: `{shlex.join(words)}` exited with {done.returncode}:\n"
@@ -227,7 +228,8 @@ def test_markers_are_read(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("\n".join([
         "<!-- not run: needs a GPU -->", "```bash", "torchrun x", "```", "",
-        "<!-- test args: --max-steps 1 -->", "<!-- test replace: 100 => 2 -->", "```bash",
+        "<!-- test args: --max-steps 1 -->", "<!-- test args svi: --seed 1 -->", "<!-- test replace: 100 => 2 -->",
+        "```bash",
         "python -m pyro_kpp.svi --epochs 100", "```", "",
         "```", "plain", "```", "",
         "<!-- not run -->", "```python", "x = 1", "```", "",
@@ -236,7 +238,8 @@ def test_markers_are_read(tmp_path):
     blocks = read_blocks(page)
     assert [b.lang for b in blocks] == ["bash", "bash", "", "python", "text"]
     assert [runnable(b) for b in blocks] == [False, True, True, True, False]
-    assert blocks[1].marker("test args") == ["--max-steps 1"] and prepared_code(blocks[1]).endswith("--epochs 2")
+    assert blocks[1].marker("test args") == ["--max-steps 1"] and blocks[1].marker("test args svi") == ["--seed 1"]
+    assert prepared_code(blocks[1]).endswith("--epochs 2")
     assert "untagged" in blocks[2].problem and "marker" in blocks[3].problem
     assert commands(blocks[1], "a \\\n  b && c  # note") == [["a", "b"], ["c"]]
     with pytest.raises(AssertionError, match="not run"):

@@ -1,9 +1,10 @@
 """Training curves and a comparison table: ``python -m pyro_kpp.plot RUN [RUN ...] [--out FIG.png]``.
 
 Draws each run's bounds (train and test, or validation when the run used ``--valid-images``)
-over epochs (over steps when a run stopped inside an epoch) and over training time, one colour per run, plus the per-step loss of runs trained
-with ``--log-steps``; prints one table row per run. Training writes the same figure for its own
-run as ``curves.png`` at every epoch. Reads only ``metrics.jsonl`` / ``steps.jsonl`` (and
+over epochs (over steps when a run stopped inside an epoch) and over training time, one colour
+per run, plus the per-step loss of runs trained with ``--log-steps``; prints one table row per
+run. Training writes the same figure for its own run as ``curves.png`` at every epoch; the CLI
+writes several runs' figure beside them (``default_out``), never into the current folder. Reads only ``metrics.jsonl`` / ``steps.jsonl`` (and
 ``config.json``), so it works on a run that is still training.
 """
 from __future__ import annotations

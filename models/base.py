@@ -58,7 +58,8 @@ class Memory:
         parts = self.value if isinstance(self.value, tuple) else (self.value,)
         shapes = ", ".join(f"{tuple(v.shape)}" for v in parts)
         first = parts[0]
-        return (f"Memory({type(self.model).__name__}, {self.episodes} episodes, value {shapes} "
+        episodes = f"{self.episodes} episode{'' if self.episodes == 1 else 's'}"
+        return (f"Memory({type(self.model).__name__}, {episodes}, value {shapes} "
                 f"{str(first.dtype).removeprefix('torch.')} on {first.device})")
 
 

@@ -1,9 +1,10 @@
 """Training curves and a comparison table: ``python -m pyro_kpp.plot RUN [RUN ...] [--out FIG.png]``.
 
 Draws each run's bounds (train and test, or validation when the run used ``--valid-images``)
-over epochs and over training time, one colour per run, plus the per-step loss of runs trained
-with ``--log-steps``; prints one table row per run. Training writes the same figure for its own
-run as ``curves.png`` at every epoch. Reads only ``metrics.jsonl`` / ``steps.jsonl`` (and
+over epochs (over steps when a run stopped inside an epoch) and over training time, one colour
+per run, plus the per-step loss of runs trained with ``--log-steps``; prints one table row per
+run. Training writes the same figure for its own run as ``curves.png`` at every epoch; the CLI
+writes several runs' figure beside them (``default_out``), never into the current folder. Reads only ``metrics.jsonl`` / ``steps.jsonl`` (and
 ``config.json``), so it works on a run that is still training.
 """
 from __future__ import annotations
@@ -41,31 +42,42 @@ def run_metrics(run: str | os.PathLike) -> tuple[list[dict], str]:
     return records, "valid" if "valid_bound" in records[-1] else "test"
 
 
-def _epochs(r: dict) -> float:
-    """Epochs done at a record: a record of an epoch cut short (``--max-steps``) counts half."""
-    return r["epoch"] + (1.0 if r.get("epoch_complete", True) else 0.5)
+def _epochs_done(r: dict) -> int:
+    """Complete epochs at a record (``epoch`` is the index of the epoch it closes or cuts short)."""
+    return r["epoch"] + (1 if r.get("epoch_complete", True) else 0)
+
+
+def progress_axis(runs: list[str | os.PathLike]) -> str:
+    """"epoch" when every record of every run closes a complete epoch, else "step": a run stopped
+    inside an epoch (``--max-steps``, ``--max-minutes``) has no honest epoch count to plot at
+    (a 100-step run would sit at "epoch 1.5"), while steps are exact for every record."""
+    complete = all(r.get("epoch_complete", True) for run in runs for r in run_metrics(run)[0])
+    return "epoch" if complete else "step"
 
 
 def draw(runs: list[str | os.PathLike]):
-    """The figure: bounds over epochs, over training minutes and (when logged) per step."""
+    """The figure: bounds over epochs (steps, see ``progress_axis``), over training minutes and
+    (when logged) per step."""
     import matplotlib.pyplot as plt
 
+    axis = progress_axis(runs)
     with_steps = [r for r in runs if (Path(r) / "steps.jsonl").exists()]
     fig, axes = plt.subplots(1, 3 if with_steps else 2, figsize=(13 if with_steps else 9, 3.6), squeeze=False)
     axes = axes[0]
     for i, run in enumerate(runs):
         records, split = run_metrics(run)
         colour, name = f"C{i % 10}", Path(run).name
-        for ax, x in ((axes[0], [_epochs(r) for r in records]),
+        for ax, x in ((axes[0], [_epochs_done(r) if axis == "epoch" else r["step"] for r in records]),
                       (axes[1], [r["train_seconds_total"] / 60 for r in records])):
             ax.plot(x, [r[f"{split}_bound"] for r in records], "-o", ms=3, color=colour, label=f"{name} {split}")
             ax.plot(x, [r["train_bound"] for r in records], "--", color=colour, label=f"{name} train")
         if run in with_steps:
             steps = read_jsonl(Path(run) / "steps.jsonl")
             axes[2].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6, color=colour, label=name)
-    for ax, label in zip(axes, ("epoch", "training time (minutes)", "step")):
+    for ax, label in zip(axes, ("epochs" if axis == "epoch" else "step", "training time (minutes)", "step")):
         ax.set_xlabel(label)
-        ax.set_ylabel("negative bound (nats/image)" if label != "step" else "training objective per step")
+        ax.set_ylabel("negative bound (nats/image)" if ax is not axes[-1] or not with_steps
+                      else "training objective per step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -99,25 +111,36 @@ def table(runs: list[str | os.PathLike]) -> str:
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         last = records[-1]
         lines.append(f"{Path(run).name[:32]:32s} {cfg.get('model', '?'):6s} {cfg.get('data', '?'):14s} "
-                     f"{_epochs(last):6g} {last['step']:7d} {last['train_seconds_total'] / 60:8.1f} "
+                     f"{_epochs_done(last):6d} {last['step']:7d} {last['train_seconds_total'] / 60:8.1f} "
                      f"{last['train_bound']:8.2f} {split:5s} {min(r[f'{split}_bound'] for r in records):8.2f} "
                      f"{last[f'{split}_bound']:8.2f}")
     return "\n".join(lines)
 
 
+def default_out(runs: list[str | os.PathLike]) -> Path:
+    """Where the figure goes without ``--out``: ``RUN/curves.png`` for one run (training writes the
+    same file); for several, beside the runs, ``curves-A-vs-B.png`` in the first run's parent
+    folder, never the current folder (a clone's root would collect untracked figures)."""
+    first = Path(runs[0])
+    if len(runs) == 1:
+        return first / "curves.png"
+    return first.resolve().parent / f"curves-{'-vs-'.join(Path(r).resolve().name for r in runs)}.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyro_kpp.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("--out", help="figure to write (default: RUN/curves.png for one run, curves.png here for several)")
+    p.add_argument("--out", help="figure to write (default: RUN/curves.png for one run; for several, "
+                                 "curves-A-vs-B.png beside the first run)")
     args = p.parse_args(argv)
-    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png"))
+    out = Path(args.out) if args.out else default_out(args.runs)
     try:
         text = table(args.runs)
         save_curves(args.runs, out)
     except (ValueError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(text)
-    print(f"figure: {out}", file=sys.stderr)
+    print(f"figure written to {out}", file=sys.stderr)
     return 0
 
 

@@ -113,7 +113,10 @@ def check_finite_weights(model, step: int, run_dir: Path) -> None:
 
 def run_bar(cfg: Config, state: "TrainState", steps_per_epoch: int, enabled: bool) -> tqdm:
     """The whole run's bar, over every step to ``--epochs`` (or ``--max-steps``), so that its ETA
-    says when training will end (evaluation time excluded); the epoch's bar sits below it."""
+    says when training will end, evaluation time excluded: ``train`` restarts its clock after
+    each epoch's evaluation and checkpoint (``tqdm.unpause``), so neither its elapsed time nor
+    its step rate counts them, and the ETA does not jump after each evaluation and take steps
+    to settle. The epoch's bar sits below it."""
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
     return tqdm(total=total, initial=state.step, desc="run", unit="step", disable=not enabled, dynamic_ncols=True,
                 position=0)
@@ -234,11 +237,16 @@ def eval_split(cfg: Config) -> str:
     return "valid" if cfg.valid_images else "test"
 
 
+def weights(record: dict) -> str:
+    """The KL weights of a warm-up objective, as the bar and the epoch line both show them."""
+    return f"KL x {record['kl_scale']:.2f}, keys x {record['key_kl_scale']:.2f}"
+
+
 def report(record: dict) -> str:
     """The epoch's one line on stderr."""
     split = "valid" if "valid_bound" in record else "test"
     objective = ("" if record["train_objective"] == record["train_bound"] else
-                 f"warm-up objective {record['train_objective']:.2f} (KL x {record['kl_scale']:.2f}), ")
+                 f"warm-up objective {record['train_objective']:.2f} ({weights(record)}), ")
     return (f"epoch {record['epoch']} step {record['step']}: {objective}train bound {record['train_bound']:.2f}, "
             f"{split} bound {record[f'{split}_bound']:.2f} nats/image"
             + (f" = {record[f'{split}_bits_per_dim']:.3f} bits/dim" if f"{split}_bits_per_dim" in record else "")
@@ -336,7 +344,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
                 if running is not None:
                     beta, key_beta = line["kl_scale"], line["key_kl_scale"]
                     bar.set_postfix_str(f"bound {running:.2f} nats/image" if beta * key_beta == 1.0 else
-                                        f"warm-up objective {running:.2f} (KL x {beta:.2f}, keys x {key_beta:.2f})")
+                                        f"warm-up objective {running:.2f} ({weights(line)})")
                 interrupted = world.any(stop.requested)       # all ranks stop at the same step
                 if interrupted or not budget_left(time.time() - epoch_start):
                     break
@@ -363,6 +371,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
             if state.epoch_step >= episodes.steps_per_epoch():
                 state.next_epoch()
             save(run_dir, cfg, model, state, world, fingerprint)
+            whole_run.unpause()                               # evaluation and saving: not training time
         if stop.requested:                  # arrived after the last step, e.g. in the final evaluation
             if world.is_main:
                 print(f"{stop.name}: arrived after the last step (step {state.step}); the run's checkpoint is "

@@ -15,7 +15,7 @@ from pyro_kpp.data import load_dataset
 from pyro_kpp.train.device import resolve_device
 
 from pyro_kpp.bench import measure
-from pyro_kpp.bench.report import format_table, table_rows, write_plots
+from pyro_kpp.bench.report import QUICK_NOTE, format_table, table_rows, write_plots
 from pyro_kpp.bench.sections import DEFAULT_SECTIONS, SECTIONS, Context, jobs, profiled_steps, targets
 from pyro_kpp.bench.sizes import Sizes
 
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality section: defaults = the training defaults (bf16 where native, channels-last: "
                         "the fastest measured); eager = plain float32")
     p.add_argument("--out", default="bench/results", help="output folder (bench.json, PNGs, profiles)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a fast smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: checks the code paths, judges no "
+                                                         "target (targets apply to the full sizes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-dir", default=None, help="data root (default: $PYRO_KPP_DATA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,7 +106,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     }
     report["plots"] = [p.name for p in write_plots(results, out)]
     (out / "bench.json").write_text(json.dumps(report, indent=2))
-    print(format_table(table_rows(results, verdicts)))
+    if args.quick:
+        print(QUICK_NOTE)
+    print(format_table(table_rows(results, verdicts, quick=args.quick)))
     print(f"results: {out / 'bench.json'} ({report['wall_seconds']} s)")
     return report
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
 
 import torch
 
@@ -129,10 +130,35 @@ def download(name: str, root: pathlib.Path, missing: str, layout: str, offline: 
     how = f"Provide them yourself, laid out as {layout} (or point --data-dir / ${_DATA_ENV} at a root that has it)"
     if offline:
         raise DataError(f"{name}: missing {missing}, and offline mode is on, so it is not downloaded. {how}.")
+    before = _entries(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         fetch()
     except Exception as e:  # noqa: BLE001 - URLError, OSError, RuntimeError, BadZipFile, ...
+        _remove_new_entries(root, before)
         raise DataError(f"{name}: missing {missing}, and downloading it failed ({type(e).__name__}: {e}). {how}.") from e
 
 
+def _entries(root: pathlib.Path) -> tuple[pathlib.Path | None, set[str]]:
+    """What exists before a download: the highest folder of ``root``'s path that does not exist
+    yet (None: ``root`` exists) and the names in ``root``."""
+    missing = None
+    for path in (root, *root.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing, ({p.name for p in root.iterdir()} if missing is None and root.is_dir() else set())
+
+
+def _remove_new_entries(root: pathlib.Path, before: tuple[pathlib.Path | None, set[str]]) -> None:
+    """Undo what a failed download made: torchvision creates its folders (``omniglot-py``,
+    ``FashionMNIST/raw``) before it fetches, and a failure would leave them empty or partial
+    under a data root that may be shared or read-only, where a later run would take an empty
+    folder for the data set. Removes only what did not exist before (``_entries``)."""
+    missing, names = before
+    if missing is not None:
+        shutil.rmtree(missing, ignore_errors=True)
+        return
+    for path in root.iterdir():
+        if path.name not in names:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

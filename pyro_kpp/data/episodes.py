@@ -8,10 +8,12 @@ classes (KM §4.2's one-shot generation).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
 import types
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ from pyro_kpp.data.base import DataError, ImageData
 from pyro_kpp.data.sets import TEST_SEED, load_dataset
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
 from pyro_kpp.data.classes import check_classes, class_episode_index, class_split, max_class_episodes
+
+if TYPE_CHECKING:                                           # for the annotation only: no import at run time
+    from pyro_kpp.models.base import EpisodicModel
 
 # Domain tags so that the seeds of different random streams never coincide.
 _TRAIN_ORDER, _TRAIN_BITS, _TEST_ORDER, _TEST_BITS = 1, 2, 3, 4
@@ -338,10 +343,11 @@ def test_batches(episodes: Episodes, max_episodes: int | None, split: str = "tes
 SPLITS = ("train", "test", "valid")
 
 
-def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: int = 8, *,
-                  data_dir: str | None = None, likelihood: str | None = None, valid_images: int = 0,
-                  seed: int = 0, device: torch.device | str = "cpu",
-                  classes: int | None = None) -> Iterator[torch.Tensor]:
+def load_episodes(data: str | None = None, split: str = "test", T: int | None = None, B: int | None = None, *,
+                  run: EpisodicModel | str | os.PathLike | None = None, data_dir: str | None = None,
+                  likelihood: str | None = None,
+                  valid_images: int | None = None, seed: int | None = None,
+                  classes: int | None = None, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
     """Ready batches (B, T, C, H, W) of a data set's episodes, as a run sees them; also callable as
     ``pyro_kpp.episodes(...)``. So a user needs no knowledge of ``load_dataset`` and ``Episodes``.
 
@@ -350,15 +356,37 @@ def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: i
     ``seed``). Binarized for a Bernoulli likelihood (the default for grey data sets), 8-bit
     levels k/255 for ``likelihood="dmol"`` (the default for cifar10). ``data_dir`` as ``--data-dir``;
     ``classes`` as ``--episode-classes`` (N classes per episode, T/N images each).
+
+    ``run``: a loaded model (``pyro_kpp.load``) or a run directory. Its config supplies every
+    argument left as None: the data set, its data root (the one the run trained on, so no
+    ``$PYRO_KPP_DATA`` is needed), the likelihood, T, B, ``valid_images`` and the seed. Without
+    ``run`` the defaults are Omniglot, T = 32, B = 8, no validation images, seed 0, and the data
+    root is ``data_dir``, else ``$PYRO_KPP_DATA``, else the per-user cache.
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-    cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
-                 valid_images=valid_images, episode_classes=classes)
-    episodes = make_episodes(cfg, load_dataset(data, data_dir), torch.device(device))
+    base = _run_config(run) if run is not None else Config(data=data or "omniglot")
+    chosen = {"data": data, "data_dir": data_dir, "likelihood": likelihood, "episode_length": T, "batch_size": B,
+              "valid_images": valid_images, "seed": seed, "episode_classes": classes}
+    fields = {k: v for k, v in chosen.items() if v is not None}
+    if data is not None and data != base.data:               # another data set: its own default likelihood
+        fields["likelihood"] = likelihood
+    cfg = dataclasses.replace(base, **fields)
+    episodes = make_episodes(cfg, load_dataset(cfg.data, cfg.data_dir), torch.device(device))
     if split == "train":
         return episodes.train_epoch(0)
     return episodes.valid_episodes() if split == "valid" else episodes.test_episodes()
+
+
+def _run_config(run) -> Config:
+    """The config of ``run``: a model (its ``cfg``) or a run directory / checkpoint file."""
+    if isinstance(getattr(run, "cfg", None), Config):
+        return run.cfg
+    if isinstance(run, (str, os.PathLike)):
+        from pyro_kpp.train.checkpoint import load_checkpoint            # here: checkpoint imports the models
+
+        return Config.from_dict(load_checkpoint(run)["config"])
+    raise TypeError(f"run: expected a model from pyro_kpp.load or a run directory, got {type(run).__name__}")
 
 
 class _CallableModule(types.ModuleType):

@@ -22,6 +22,7 @@ and the entry.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import random
@@ -126,8 +127,20 @@ def find_checkpoint(location: str | os.PathLike) -> Path:
         p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise CheckpointError(f"checkpoint: no checkpoint at {p} (expected a run directory holding "
-                              f"{CHECKPOINT_NAME}, or a checkpoint file)")
+                              f"{CHECKPOINT_NAME}, or a checkpoint file){_named_like(Path(location))}")
     return p
+
+
+def _named_like(missing: Path) -> str:
+    """A hint when ``missing`` is the stem of timestamped runs (``runs/omniglot-kpp`` for the
+    default ``runs/omniglot-kpp-<time>``): names the newest, not silently opening a run the user
+    did not name."""
+    found = sorted(missing.parent.glob(f"{glob.escape(missing.name)}-*/{CHECKPOINT_NAME}"),
+                   key=lambda c: c.stat().st_mtime) if missing.name and missing.parent.is_dir() else []
+    if not found:
+        return ""
+    return (f"; {len(found)} run(s) named like it, the newest {found[-1].parent} (name a run with "
+            f"svi's --run-dir to have a fixed folder)")
 
 
 def load_checkpoint(location: str | os.PathLike, map_location="cpu", require: tuple[str, ...] = MODEL_KEYS) -> dict:

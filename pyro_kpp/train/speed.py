@@ -143,6 +143,10 @@ def autocast_networks(model: nn.Module) -> list[str]:
     return names
 
 
+#: What computes bf16 natively, per device type (``bf16_native``), as the run's message names it.
+NATIVE_BF16 = {"cpu": "neither AVX512-BF16 nor AMX", "cuda": "compute capability below 8.0"}
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
     AMX); elsewhere oneDNN emulates bf16, slower than float32."""
@@ -183,8 +187,11 @@ def prepare(model: nn.Module, precision: str, compile: bool, device: torch.devic
             notes.append(f"precision auto: the networks train in bf16 ({device.type} computes it natively; "
                          f"--precision fp32 for float32); evaluation is float32")
         elif not bf16_native(device):
-            notes.append(f"--precision bf16: this {device.type} has no native bf16 (AVX512-BF16, AMX), so it is "
-                         f"emulated and slower than float32")
+            notes.append(f"--precision bf16: this {device.type} has no native bf16 ({NATIVE_BF16[device.type]}), so "
+                         f"it is emulated and slower than float32")
+    elif precision == "auto":
+        notes.append(f"precision auto: the networks train in float32 (this {device.type} has no native bf16: "
+                     f"{NATIVE_BF16[device.type]}; --precision bf16 would emulate it, slower)")
     names = []
     if compile:
         names, reason = compile_networks(model, device)

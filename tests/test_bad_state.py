@@ -19,6 +19,7 @@ from pyro_kpp.models.base import Memory
 from pyro_kpp.generation import main as generation_main
 from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.train import session
 
 from helpers import tiny_cli_args, tiny_config
 
@@ -77,7 +78,7 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(tiny_run, tmp_path, caps
 
 
 def test_weights_that_turn_nonfinite_in_training_are_never_saved(tmp_path, monkeypatch, capsys):
-    real = svi.build_optimizer
+    real = session.build_optimizer
 
     def poisoned(cfg, model, steps_per_epoch):
         optimizer, scheduler = real(cfg, model, steps_per_epoch)
@@ -92,7 +93,7 @@ def test_weights_that_turn_nonfinite_in_training_are_never_saved(tmp_path, monke
         optimizer.step = poisoned_step
         return optimizer, scheduler
 
-    monkeypatch.setattr(svi, "build_optimizer", poisoned)
+    monkeypatch.setattr(session, "build_optimizer", poisoned)
     run = tmp_path / "run"
     line = _exit_line(capsys, svi.main, "--data", "omniglot", "--run-dir", str(run), "--no-progress",
                       *tiny_cli_args(), "--max-steps", "1")

@@ -18,9 +18,11 @@ import torchvision
 import pyro_kpp
 from pyro_kpp import data as D
 from pyro_kpp import plot
+from pyro_kpp.viz import curves
 from pyro_kpp.train import speed
 from pyro_kpp import svi
 from pyro_kpp.config import Config
+from pyro_kpp.train import epoch, session
 
 from helpers import tiny_config
 
@@ -122,7 +124,7 @@ def test_precision_auto_says_which_and_why(monkeypatch):
 def test_the_run_bar_clock_stops_during_evaluation(tmp_path, monkeypatch):
     """The bar's elapsed time (and so its rate and ETA) counts training steps, not evaluation."""
     pause, bars = 4.0, []
-    evaluate_epoch = svi.evaluate_epoch
+    evaluate_epoch = session.evaluate_epoch
 
     def slow_evaluation(*args, **kwargs):
         time.sleep(pause)
@@ -132,9 +134,9 @@ def test_the_run_bar_clock_stops_during_evaluation(tmp_path, monkeypatch):
         bars.append(run_bar(*args, **kwargs))
         return bars[-1]
 
-    run_bar = svi.run_bar
-    monkeypatch.setattr(svi, "evaluate_epoch", slow_evaluation)
-    monkeypatch.setattr(svi, "run_bar", kept_bar)
+    run_bar = session.run_bar
+    monkeypatch.setattr(session, "evaluate_epoch", slow_evaluation)
+    monkeypatch.setattr(session, "run_bar", kept_bar)
     history = svi.train(tiny_config(max_steps=3), tmp_path / "run", progress=True)
     elapsed = bars[0].format_dict["elapsed"]
     assert elapsed < history[-1]["train_seconds"] + pause / 2, (elapsed, history[-1]["train_seconds"])
@@ -151,8 +153,8 @@ def test_plot_of_two_runs_writes_beside_them_over_steps(tiny_run, tmp_path, monk
     out = tmp_path / "runs" / "curves-a-vs-b.png"
     assert out.is_file() and not list(here.iterdir())
     assert str(out) in capsys.readouterr().err
-    assert plot.progress_axis(runs) == "step"                  # 3 steps: no "epoch 0.5"
-    assert plot.draw(runs).axes[0].get_xlabel() == "step"
+    assert curves.progress_axis(runs) == "step"                  # 3 steps: no "epoch 0.5"
+    assert curves.draw(runs).axes[0].get_xlabel() == "step"
 
 
 def test_quick_benchmark_judges_no_target():
@@ -166,7 +168,7 @@ def test_quick_benchmark_judges_no_target():
 def test_epoch_line_shows_both_kl_weights():
     record = {"epoch": 0, "step": 2, "train_objective": 470.0, "train_bound": 450.0, "test_bound": 451.0,
               "memory_gain": 0.0, "train_seconds": 3.0, "kl_scale": 0.002, "key_kl_scale": 0.02}
-    assert "(KL x 0.00, keys x 0.02)" in svi.report(record)
+    assert "(KL x 0.00, keys x 0.02)" in epoch.report(record)
 
 
 def test_a_memory_of_one_episode_says_episode(model, episode):

@@ -22,13 +22,14 @@ import pytest
 import torch
 
 import pyro_kpp
-import pyro_kpp.plot
+import pyro_kpp.viz.curves
 from pyro_kpp import data as D
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp.train import interrupts
 from pyro_kpp.train import rundir
 from pyro_kpp import svi
 from pyro_kpp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_kpp.train import loop, session
 
 from helpers import tiny_cli_args
 
@@ -241,7 +242,7 @@ def test_a_failing_plot_never_stops_training(run, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise KeyError("epoch")
 
-    monkeypatch.setattr(pyro_kpp.plot, "save_curves", broken)
+    monkeypatch.setattr(pyro_kpp.viz.curves, "save_curves", broken)
     assert svi.main(["--resume", str(run), "--max-steps", "4", "--no-progress"]) == 0
     assert "could not draw" in capsys.readouterr().err
     assert load_checkpoint(run)["step"] == 4
@@ -251,14 +252,14 @@ def test_a_failing_plot_never_stops_training(run, monkeypatch, capsys):
 
 def test_the_resume_command_printed_on_ctrl_c_survives_a_shell(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "my run $HOME"
-    real = svi.train_step
+    real = loop.train_step
 
     def step_then_ctrl_c(*args, **kwargs):
         line = real(*args, **kwargs)
         signal.raise_signal(signal.SIGINT)
         return line
 
-    monkeypatch.setattr(svi, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(loop, "train_step", step_then_ctrl_c)
     argv = ["--data", "omniglot", "--run-dir", str(folder), "--no-progress", *tiny_cli_args(), "--max-steps", "5"]
     assert svi.main(argv) == 128 + signal.SIGINT
     command = capsys.readouterr().err.split("Resume with: ")[1].strip()
@@ -285,13 +286,13 @@ def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monk
 
 
 def test_sigterm_during_the_final_evaluation_exits_nonzero_with_a_message(run, monkeypatch, capsys):
-    real = svi.evaluate_epoch
+    real = session.evaluate_epoch
 
     def terminated_meanwhile(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svi, "evaluate_epoch", terminated_meanwhile)
+    monkeypatch.setattr(session, "evaluate_epoch", terminated_meanwhile)
     assert svi.main(["--resume", str(run), "--max-steps", "4", "--no-progress"]) == 128 + signal.SIGTERM
     assert "SIGTERM: arrived after the last step" in capsys.readouterr().err
     assert load_checkpoint(run)["step"] == 4

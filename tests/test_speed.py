@@ -16,6 +16,7 @@ from pyro_kpp import svi
 from pyro_kpp.inference.bound import evaluate, make_elbo, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.models import build_model
+from pyro_kpp.train import epoch
 
 from helpers import tiny_cli_args, tiny_config
 
@@ -166,8 +167,8 @@ def test_svi_trains_with_bf16_and_evaluates_in_float32(tmp_path, capsys, monkeyp
     def evaluate(*args, **kwargs):                 # the per-epoch evaluation: never in bf16
         seen.append(speed._BF16_DEVICE)
         return plain_evaluate(*args, **kwargs)
-    plain_evaluate = svi.evaluate
-    monkeypatch.setattr(svi, "evaluate", evaluate)
+    plain_evaluate = epoch.evaluate
+    monkeypatch.setattr(epoch, "evaluate", evaluate)
     run = tmp_path / "run"
     assert svi.main(["--data", "omniglot", "--run-dir", str(run), "--no-progress", "--max-steps", "2",
                      "--precision", "bf16", "--compile", *tiny_cli_args()]) == 0

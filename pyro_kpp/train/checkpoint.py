@@ -2,7 +2,7 @@
 
 A checkpoint is one dict (nanoGPT style)::
 
-    {"format": "pyro_kpp.train.checkpoint", "format_version": 1, "pyro_kpp_version": ...,
+    {"format": "pyro_kpp.checkpoint", "format_version": 1, "pyro_kpp_version": ...,
      "config": Config.to_dict(), "model": state_dict, "optimizer": state_dict,
      "epoch": e, "epoch_step": s, "step": n, "rng": {...}, "metrics": [...]}
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMAT = "pyro_kpp.train.checkpoint"
+FORMAT = "pyro_kpp.checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Entries every checkpoint has (enough to rebuild the model), and those resuming training needs.

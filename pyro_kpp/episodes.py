@@ -18,6 +18,7 @@ import torch
 
 from .config import Config
 from .data import TEST_SEED, DataError, ImageData, load_dataset
+from .device import resolve_device
 from .likelihoods import LIKELIHOODS
 
 # Domain tags so that the seeds of different random streams never coincide.
@@ -81,7 +82,7 @@ class Episodes:
         self.data = data
         self.binarize = bool(binarize)
         self.as_uint8 = bool(as_uint8)
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))      # "cuda" without a GPU: refused, by name
         train, self._valid_images = self._carve_validation(data.train, _check_count("valid_images", valid_images, 0))
         self._train = train.to(self.device)
         self._test: torch.Tensor | None = None   # (E, T, C, H, W) uint8, built on first use
@@ -297,9 +298,10 @@ def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: i
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    device = resolve_device(str(device))                       # before the data set is loaded
     cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
                  valid_images=valid_images)
-    episodes = make_episodes(cfg, load_dataset(data, data_dir), torch.device(device))
+    episodes = make_episodes(cfg, load_dataset(data, data_dir), device)
     if split == "train":
         return episodes.train_epoch(0)
     return episodes.valid_episodes() if split == "valid" else episodes.test_episodes()

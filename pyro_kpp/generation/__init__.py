@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..episodic import EpisodicModel, Memory
+from ..episodic import EpisodicModel, Memory, check_generator, count
 
 FEEDBACKS = ("sample", "threshold")
 PERTURBATION_STD = 0.1  # K++ §4.1.1
@@ -68,12 +68,6 @@ class IterativeReading:
     def means(self) -> torch.Tensor:
         """Mean reconstruction of every step (pixel probabilities for Bernoulli): (n, B, T, C, H, W)."""
         return self.model.likelihood.mean(self.params)
-
-
-def _check_positive(argname: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argname}: expected a positive integer, got {value!r}")
-    return value
 
 
 def _check_memory(model: EpisodicModel, memory: Memory) -> None:
@@ -105,7 +99,8 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
     memory is only read, never written. Returns every step (see :class:`IterativeReading`).
     """
     _check_memory(model, memory)
-    _check_positive("steps", steps)
+    steps = count("steps", steps)
+    check_generator(generator)
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback: expected one of {FEEDBACKS}, got {feedback!r}")
     model.check_episode(x, "x")
@@ -134,8 +129,7 @@ def clean_up(model: EpisodicModel, memory: Memory, keys: torch.Tensor, steps: in
     parameters (steps + 1, B, N, C', H, W): the first generation, then each clean-up step.
     """
     _check_memory(model, memory)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    steps = count("steps", steps, minimum=0)
     first = model.generate(memory, keys, sample_z=sample_z, generator=generator)
     if steps == 0:
         return first.unsqueeze(0)
@@ -151,7 +145,7 @@ def perturbed_keys(keys: torch.Tensor, n: int, std: float = PERTURBATION_STD,
     keys: (B, N, *key_shape) -> (B, N * n, *key_shape); perturbations of key j are rows
     j * n .. j * n + n - 1.
     """
-    _check_positive("n", n)
+    n = count("n", n)
     if not 0 <= std < math.inf:
         raise ValueError(f"std: expected a finite, non-negative standard deviation, got {std!r}")
     base = keys.repeat_interleave(n, dim=1)
@@ -205,7 +199,7 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    _check_positive("n", n)
+    n = count("n", n)
     mean = model.likelihood.mean
     x = x[:1]
     memory = model.write(x)

@@ -22,6 +22,7 @@ and extrapolated: the dry run's cost does not grow with B.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import pyro
@@ -31,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import Config
 
-#: Size options named in the refusal when they differ from their defaults (the ones that scale memory).
+#: Size options named in the refusal when they exceed their defaults (the ones that scale memory).
 SIZE_FIELDS = ("batch_size", "episode_length", "reads", "memory_shape", "window", "writer_channels", "slots",
                "address_size", "code_size", "embed_size", "hidden", "dkm_write_iterations")
 #: Weights, gradients and Adam's two moments (LARS keeps no further state).
@@ -84,11 +85,13 @@ def device_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _changed_sizes(cfg: Config) -> str:
+def _grown_sizes(cfg: Config) -> str:
+    """The size options above their defaults, by how many times, the most grown first."""
     defaults = Config(model=cfg.model, preset=cfg.preset, data=cfg.data)
-    changed = [f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in SIZE_FIELDS
-               if getattr(cfg, name) != getattr(defaults, name)]
-    return ", ".join(changed) if changed else "none (the defaults)"
+    size = lambda v: math.prod(v) if isinstance(v, tuple) else v     # noqa: E731  (memory_shape: its cells)
+    grown = sorted(((size(getattr(cfg, n)) / size(getattr(defaults, n)), n) for n in SIZE_FIELDS
+                    if size(getattr(cfg, n)) > size(getattr(defaults, n))), reverse=True)
+    return ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} ({ratio:,.{0 if ratio >= 10 else 1}f}x its default)" for ratio, n in grown)
 
 
 def check_training_fits(cfg: Config, device: torch.device, world_size: int = 1) -> None:
@@ -102,5 +105,5 @@ def check_training_fits(cfg: Config, device: torch.device, world_size: int = 1) 
     if need > total:
         raise ValueError(f"memory: a training step of this config needs about {need / 2**30:,.1f} GiB (weights, "
                          f"gradients, Adam moments and one batch's activations), more than the "
-                         f"{total / 2**30:,.1f} GiB of {device}; sizes changed from their defaults: "
-                         f"{_changed_sizes(cfg)}")
+                         f"{total / 2**30:,.1f} GiB of {device}"
+                         + (f"; sizes above their defaults: {grown}" if (grown := _grown_sizes(cfg)) else ""))

@@ -48,6 +48,7 @@ from .cliargs import add_config_options, flag_message
 from .config import Config
 from .data import DATASETS, load_dataset
 from .episodes import Episodes, make_episodes, test_batches
+from .footprint import check_training_fits
 from .interrupts import StopRequests
 from .likelihoods import LIKELIHOODS, bits_per_dim
 from .memory_use import diagnose
@@ -275,6 +276,7 @@ def train(cfg: Config, run_dir: str | Path, resume_state: dict | None = None,
     if resume_state is not None:
         rundir.check_same_data(resume_state.get("data"), fingerprint, cfg.data_dir)
     cfg.image_shape = tuple(data.image_shape)
+    check_training_fits(cfg, world.device, world.size)      # sizes that cannot fit: refused before allocating
     episodes = make_episodes(cfg, data, world.device)
 
     pyro.set_rng_seed(cfg.seed)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from .. import data as data_lib
 from ..api import load
-from ..cliargs import finite_float, positive_int
+from ..cliargs import finite_float, flagged, positive_int
 from ..episodes import Episodes, class_episodes
-from ..plots import rows_figure
-from . import FEEDBACKS, MODES, PERTURBATION_STD, figure_rows
+from ..plots import png_path, rows_figure, save_figure
+from . import FEEDBACKS, MAX_READ_STEPS, MAX_ROW, MODES, PERTURBATION_STD, check_row, check_steps, figure_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         "characters, interpolation, iterative reading."))
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
     p.add_argument("mode", choices=MODES)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("-n", type=positive_int, default=8, help="images per row")
-    p.add_argument("--steps", type=positive_int, default=10, help="iterations (clean-up, one-shot, iterative-read)")
+    p.add_argument("--out", required=True, help="PNG file to write ('.png' is added to a name without a suffix)")
+    p.add_argument("-n", type=positive_int, default=8, help=f"images per row (at most {MAX_ROW})")
+    p.add_argument("--steps", type=positive_int, default=10, help=f"iterations (clean-up, one-shot, iterative-read; "
+                                                                   f"at most {MAX_READ_STEPS}, every step is a row)")
     p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what iterative reading feeds back")
     p.add_argument("--std", type=finite_float, default=PERTURBATION_STD, help="key perturbation std (perturbed)")
     p.add_argument("--classes", type=positive_int, default=2, help="characters in the one-shot episode (KM: 2, 4, 12)")
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for flag, check in (("--out", lambda: png_path(args.out)), ("--steps", lambda: check_steps(args.steps)),
+                            ("-n", lambda: check_row(args.n))):
+            try:                                # before the checkpoint and the data are read
+                check()
+            except ValueError as exc:
+                raise ValueError(flagged(flag, exc)) from None
         model = load(args.run_dir)
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
@@ -54,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             x = next(iter(Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
         gen = torch.Generator().manual_seed(args.seed)
         rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
-        rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
+        out = save_figure(rows_figure(rows, labels), png_path(args.out), dpi=100)
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {Path(args.out)}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -74,7 +74,7 @@ def poisson(x: torch.Tensor, peak: float, generator: torch.Generator | None = No
     """Shot noise Poisson(peak x) / peak, clipped to [0, 1] (smaller ``peak``: more noise)."""
     _check_images(x)
     if not 0.0 < peak <= MAX_PEAK:
-        raise ValueError(f"peak: expected a positive count for grey level 1 of at most {MAX_PEAK:g} (its noise is "
+        raise ValueError(f"peak: expected a positive, finite count for grey level 1 of at most {MAX_PEAK:g} (its noise is "
                          f"then below one 8-bit level), got {peak!r}")
     counts = torch.poisson(x * peak, generator=generator)
     return (counts / peak).clamp(0.0, 1.0)

@@ -170,7 +170,7 @@ def test_denoise_and_generation_bound_their_options_before_loading(capsys, tmp_p
 
 
 def test_denoise_level_and_out_on_a_run(capsys, tiny_run, tmp_path):
-    assert "--level (peak): expected a positive count" in _error(
+    assert "--level (peak): expected a positive, finite count" in _error(
         capsys, denoise.main, tiny_run, "--noise", "poisson", "--level", 1e300)
     out = tmp_path / "figure"
     assert denoise.main([str(tiny_run), "--noise", "speckle", "--steps", "1", "--episodes", "1",

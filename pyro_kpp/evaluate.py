@@ -28,6 +28,7 @@ from .api import model_from_state
 from . import speed
 from .bound import evaluate, particle_passes
 from .checkpoint import load_checkpoint
+from .cliargs import positive_int
 from .config import Config
 from .device import resolve_device
 from .episodic import count
@@ -81,6 +82,8 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     networks through ``torch.compile`` (``pyro_kpp.speed``; float32 as always): 1.4x faster over
     the whole test split for a run in the plain layout, no faster in the default channels-last one."""
     samples = count("samples", samples)
+    if max_episodes is not None:
+        max_episodes = count("max_episodes", max_episodes)
     if samples > MAX_SAMPLES:
         raise ValueError(f"samples: expected at most {MAX_SAMPLES} importance samples per image (the bound's gap "
                          f"shrinks like 1/S, the time grows like S), got {samples}")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-S", "--samples", type=int, default=100, help=f"importance samples per image (at most "
                                                                   f"{MAX_SAMPLES}: the bound's gap to ln p(x) shrinks "
                                                                   f"like 1/S, the time grows like S)")
-    p.add_argument("--episodes", type=int, default=None, help="evaluate only this many test episodes (None: all; "
+    p.add_argument("--episodes", type=positive_int, default=None, help="evaluate only this many test episodes (None: all; "
                                                             "the whole Omniglot test split at S=100 takes minutes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-dir", default=None, help="data root (None: the run's, stored in its config)")

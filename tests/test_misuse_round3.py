@@ -29,7 +29,7 @@ def _error(capsys, call, *argv) -> str:
         call([str(a) for a in argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    errors = [line for line in err.splitlines() if "error:" in line]
     assert "Traceback" not in err and len(errors) == 1, err
     return errors[0]
 
@@ -154,9 +154,13 @@ def test_noise_levels_that_overflow_or_repeat_are_refused():
         blocks(x, 1_000_000)
 
 
-def test_evaluate_refuses_absurd_sample_counts_before_loading(tmp_path):
+def test_evaluate_refuses_absurd_sample_counts_before_loading(tmp_path, capsys):
     with pytest.raises(ValueError, match="samples: expected at most 10000"):
         evaluate.evaluate_run(str(tmp_path / "no-run"), samples=1_000_000)
+    with pytest.raises(ValueError, match="max_episodes: expected a positive integer, got 0"):
+        evaluate.evaluate_run(str(tmp_path / "no-run"), max_episodes=0)
+    assert "argument --episodes: expected a positive integer" in _error(
+        capsys, evaluate.main, tmp_path / "no-run", "--episodes", "-2")
 
 
 def test_denoise_and_generation_bound_their_options_before_loading(capsys, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import TEST_SEED, DataError, ImageData, load_dataset
+from .data import DATASETS, TEST_SEED, DataError, ImageData, load_dataset
 from .device import resolve_device
 from .likelihoods import LIKELIHOODS
 
@@ -299,6 +299,8 @@ def load_episodes(data: str = "omniglot", split: str = "test", T: int = 32, B: i
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     device = resolve_device(str(device))                       # before the data set is loaded
+    if data not in DATASETS:
+        raise ValueError(f"data: expected one of {', '.join(DATASETS)}, got {data!r}")
     cfg = Config(data=data, likelihood=likelihood, episode_length=T, batch_size=B, seed=seed,
                  valid_images=valid_images)
     episodes = make_episodes(cfg, load_dataset(data, data_dir), device)

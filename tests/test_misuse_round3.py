@@ -102,6 +102,13 @@ def test_a_seed_is_not_a_generator(model, episode):
         pyro_kpp.iterative_read(model, memory, episode, steps=2, generator=5)
 
 
+def test_build_model_and_episodes_name_their_arguments():
+    with pytest.raises(TypeError, match="cfg: expected a pyro_kpp.Config, got dict"):
+        pyro_kpp.build_model({"model": "kpp"})
+    with pytest.raises(ValueError, match="data: expected one of omniglot"):
+        pyro_kpp.episodes(None)
+
+
 def test_load_none_names_the_argument():
     with pytest.raises(TypeError, match="run_dir: expected a run directory or checkpoint path"):
         pyro_kpp.load(None)

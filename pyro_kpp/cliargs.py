@@ -95,3 +95,13 @@ def flagged(flag: str, exc: Exception) -> str:
     if not sep or " " in name:
         return f"{flag}: {exc}"
     return f"{flag}: {rest}" if name == flag.lstrip("-").replace("-", "_") else f"{flag} ({name}): {rest}"
+
+
+def check_options(checks) -> None:
+    """Run each ``(flag, check)`` pair's ``check()``; a ValueError it raises becomes the message of
+    ``flag`` (``flagged``). For API checks run by a CLI before any slow work."""
+    for flag, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise ValueError(flagged(flag, exc)) from None

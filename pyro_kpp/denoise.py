@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .cliargs import finite_float, flagged, positive_int
+from .cliargs import check_options, finite_float, positive_int
 from .episodic import EpisodicModel
 from .generation import FEEDBACKS, MAX_READ_STEPS, IterativeReading, check_steps, iterative_read
 from .noise import NOISES, binarize_pair, corrupt, get_noise
@@ -172,22 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         noise = get_noise(args.noise)
         level = noise.default_level if args.level is None else args.level
-        for flag, check in (("--steps", lambda: check_steps(args.steps)),
-                            ("--out", lambda: args.out is None or png_path(args.out))):
-            try:                                # before the checkpoint and the data are read
-                check()
-            except ValueError as exc:
-                raise ValueError(flagged(flag, exc)) from None
+        check_options([("--steps", lambda: check_steps(args.steps)),      # before the checkpoint and data are read
+                       ("--out", lambda: args.out is None or png_path(args.out))])
         if args.episodes is not None and args.episodes < 1:
             raise ValueError(f"--episodes: expected a positive integer, got {args.episodes}")
         state = load_checkpoint(args.run_dir)
         model = model_from_state(state).eval()
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
-        try:                                    # on one blank image of the data's size, before any work
-            noise.apply(torch.zeros(1, *data.image_shape), level)
-        except ValueError as exc:
-            raise ValueError(flagged("--level", exc)) from None
+        check_options([("--level", lambda: noise.apply(torch.zeros(1, *data.image_shape), level))])  # a blank image
         episodes = Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=False)
         gen = torch.Generator().manual_seed(args.seed)
         n_episodes = min(args.episodes or episodes.num_test_episodes(), episodes.num_test_episodes())

@@ -9,7 +9,7 @@ import torch
 
 from .. import data as data_lib
 from ..api import load
-from ..cliargs import finite_float, flagged, positive_int
+from ..cliargs import check_options, finite_float, positive_int
 from ..episodes import Episodes, class_episodes
 from ..plots import png_path, rows_figure, save_figure
 from . import FEEDBACKS, MAX_READ_STEPS, MAX_ROW, MODES, PERTURBATION_STD, check_row, check_steps, figure_rows
@@ -40,12 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        for flag, check in (("--out", lambda: png_path(args.out)), ("--steps", lambda: check_steps(args.steps)),
-                            ("-n", lambda: check_row(args.n))):
-            try:                                # before the checkpoint and the data are read
-                check()
-            except ValueError as exc:
-                raise ValueError(flagged(flag, exc)) from None
+        check_options([("--out", lambda: png_path(args.out)), ("--steps", lambda: check_steps(args.steps)),
+                       ("-n", lambda: check_row(args.n))])               # before the checkpoint and data are read
         model = load(args.run_dir)
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)

@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyro_kpp.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
-    p.add_argument("-S", "--samples", type=int, default=100, help=f"importance samples per image (at most "
-                                                                  f"{MAX_SAMPLES}: the bound's gap to ln p(x) shrinks "
-                                                                  f"like 1/S, the time grows like S)")
+    p.add_argument("-S", "--samples", type=int, default=100, help=f"at most {MAX_SAMPLES} (the bound's gap to "
+                                                                  f"ln p(x) shrinks like 1/S, the time grows like S): "
+                                                                  f"importance samples per image")
     p.add_argument("--episodes", type=positive_int, default=None, help="evaluate only this many test episodes (None: all; "
                                                             "the whole Omniglot test split at S=100 takes minutes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

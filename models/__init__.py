@@ -18,6 +18,9 @@ MODELS = {
 
 def build_model(cfg: Config) -> EpisodicModel:
     """A fresh model for ``cfg`` (named PyroModule root, on the CPU)."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg: expected a pyro_kpp.Config, got {type(cfg).__name__} "
+                        f"(Config(**fields) builds one, Config.from_dict a saved one)")
     try:
         target = MODELS[cfg.model]
     except KeyError:

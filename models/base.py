@@ -8,7 +8,8 @@ Pyro's global parameter store) exposing
   ``episodes`` (dim -2, size B) and ``images`` (dim -1, size T). Both are decorated with
   :func:`pyro_program`, which registers every parameter of the model with Pyro's param store
   (as ``pyro.module`` does), so that ``pyro.infer.SVI`` with any ``pyro.optim`` optimizer trains all of them;
-* ``write(x) -> Memory``: the memory written from episodes;
+* ``write(x) -> Memory``: the memory written from episodes (written once here, with the input
+  checks; each model supplies ``memory_from(x)``, the memory's value);
 * ``infer_keys(x, memory=None)``: the guide's posterior-mean keys (addresses) for each image,
   solved against ``memory`` where the model's addressing reads it (DKM);
 * ``generate(memory, keys)``: likelihood parameters of images read with given keys;
@@ -21,6 +22,7 @@ distribution its program samples) and ``code_prior(memory, keys)``, the read p(z
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,25 +72,29 @@ def require_memory(memory, argname: str = "memory") -> Memory:
     return memory
 
 
-def check_keys(memory: Memory, keys: torch.Tensor, key_shape: tuple[int, ...], what: str = "") -> None:
-    """Keys for reading ``memory`` must be (B, N, *key_shape), finite, with the memory's B.
+def count(argname: str, value, minimum: int = 1, noun: str = "integer") -> int:
+    """``value`` as an int >= ``minimum``: any integral number (a Python or numpy integer, an integer
+    0-dim tensor: ``operator.index``); a bool or a float (even 4.0) is refused, naming ``argname``
+    (and ``noun``, what is counted)."""
+    wanted = f"a positive {noun}" if minimum == 1 else f"an {noun} >= {minimum}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{argname}: expected {wanted}, got {type(value).__name__} {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"{argname}: expected {wanted}, got {n}")
+    return n
 
-    ``what`` names the keys in the message (e.g. "addresses y"); empty for plain keys. The
-    memory itself is checked against the model that wrote it (``EpisodicModel.check_memory``).
-    """
-    require_memory(memory).model.check_memory(memory)
-    B = memory.episodes
-    expected = ", ".join(map(str, (B, "N", *key_shape)))
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 + len(key_shape) or keys.shape[0] != B \
-            or tuple(keys.shape[2:]) != tuple(key_shape):
-        got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-        named = f"{what} of " if what else ""
-        raise ValueError(f"keys: expected {named}shape ({expected}) for this memory of {B} episodes, got {got}")
-    dtype = memory.model.dtype
-    if keys.dtype != dtype:
-        raise TypeError(f"keys: expected dtype {dtype} (the model's), got {keys.dtype}; pyro_kpp.sample converts")
-    if not bool(torch.isfinite(keys).all()):
-        raise ValueError("keys: contains NaN or Inf values")
+
+def check_generator(generator, argname: str = "generator") -> torch.Generator | None:
+    """``generator`` itself if it is a ``torch.Generator`` or None (the global one); a seed such as
+    5 is refused with the way to make one, instead of torch's list of overloads."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{argname}: expected a torch.Generator or None, got {type(generator).__name__} "
+                        f"{generator!r}; e.g. torch.Generator().manual_seed(5)")
+    return generator
 
 
 def _fits(value, shapes: tuple[tuple[int, ...], ...]) -> bool:
@@ -180,13 +186,14 @@ class EpisodicModel(PyroModule):
             pyro.param(full, value)
 
     # -- inputs ---------------------------------------------------------------------------
-    def check_episode(self, x: torch.Tensor, argname: str = "episode") -> tuple[int, int]:
+    def check_episode(self, x: torch.Tensor, argname: str = "episode", values: bool | None = None) -> tuple[int, int]:
         """Validate an episode batch (B, T, C, H, W); returns (B, T).
 
-        Type and shape are always checked. The values (finite; binary or 8-bit for the
-        likelihood) are checked while Pyro's validation is enabled, its default: reading them
-        waits for the device, so the training loop checks them on its first step only
-        (``Config.validate_every_step``), as it does Pyro's own checks.
+        Type, shape, dtype and device are always checked. The values (finite; binary or 8-bit for
+        the likelihood) are checked when ``values`` is True, and while Pyro's validation is
+        enabled (its default) when it is None: reading them waits for the device, so the training
+        loop checks them on its first step only (``Config.validate_every_step``), as it does
+        Pyro's own checks.
         """
         shape = tuple(self.cfg.image_shape)
         if not isinstance(x, torch.Tensor):
@@ -203,7 +210,9 @@ class EpisodicModel(PyroModule):
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"{argname}: expected at least one episode of at least one image, got shape "
                              f"{tuple(x.shape)}")
-        if is_validation_enabled():
+        if x.device != self.device:
+            raise ValueError(f"{argname}: expected a tensor on the model's device {self.device}, got {x.device}")
+        if values or (values is None and is_validation_enabled()):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{argname}: contains NaN or Inf values")
             self.likelihood.check(x, argname)
@@ -214,6 +223,11 @@ class EpisodicModel(PyroModule):
         """The parameters' dtype: episodes, keys and memories must have it (torch does not mix dtypes)."""
         return next(self.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device: episodes, keys and memories must be on it."""
+        return next(self.parameters()).device
+
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per-episode shapes of the tensors of the memory value (one shape: a tensor, else a tuple)."""
         raise NotImplementedError
@@ -223,7 +237,8 @@ class EpisodicModel(PyroModule):
         model whose value has B >= 1 episodes of ``memory_shapes()``, the model's dtype and,
         while Pyro's validation is enabled, finite values (a NaN memory decodes NaN images)."""
         if require_memory(memory, argname).model is not self:
-            raise ValueError(f"{argname}: it was written by another model; read it with the model that wrote it")
+            raise ValueError(f"{argname}: it was written by another model (a {type(memory.model).__name__}); read it "
+                             f"with the model that wrote it")
         shapes = self.memory_shapes()
         value = memory.value if len(shapes) > 1 else (memory.value,)
         if not _fits(value, shapes):
@@ -233,8 +248,32 @@ class EpisodicModel(PyroModule):
             raise ValueError(f"{argname}: expected a {self.cfg.model} memory of shape {expected}, B >= 1, got {got}")
         if any(v.dtype != self.dtype for v in value):
             raise TypeError(f"{argname}: expected dtype {self.dtype} (the model's), got {[v.dtype for v in value]}")
+        if any(v.device != self.device for v in value):
+            raise ValueError(f"{argname}: expected tensors on the model's device {self.device}, "
+                             f"got {[str(v.device) for v in value]}")
         if is_validation_enabled() and not all(bool(torch.isfinite(v).all()) for v in value):
             raise ValueError(f"{argname}: contains NaN or Inf values")
+
+    def check_keys(self, memory: Memory, keys: torch.Tensor) -> None:
+        """Keys for reading ``memory`` must be (B, N, *key_shape), N >= 1, finite, with the memory's
+        B and the model's dtype; the memory itself must be one this model wrote (``check_memory``).
+        Every method that reads a memory with keys (``generate``, ``read``) checks here."""
+        self.check_memory(memory)
+        B, key_shape = memory.episodes, self.key_shape()
+        expected = ", ".join(map(str, (B, "N", *key_shape)))
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 2 + len(key_shape) or keys.shape[0] != B \
+                or tuple(keys.shape[2:]) != tuple(key_shape) or keys.shape[1] == 0:
+            got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            named = f"{self.key_name} of " if self.key_name else ""
+            raise ValueError(f"keys: expected {named}shape ({expected}), N >= 1, for this memory of {B} episodes, "
+                             f"got {got}")
+        if keys.dtype != self.dtype:
+            raise TypeError(f"keys: expected dtype {self.dtype} (the model's), got {keys.dtype}; "
+                            f"pyro_kpp.sample converts")
+        if keys.device != self.device:
+            raise ValueError(f"keys: expected a tensor on the model's device {self.device}, got {keys.device}")
+        if not bool(torch.isfinite(keys).all()):
+            raise ValueError("keys: contains NaN or Inf values")
 
     # -- shared embedding -----------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,16 +316,18 @@ class EpisodicModel(PyroModule):
         return dist.Normal(like.new_zeros(()), like.new_tensor(self.key_scale)).expand(shape).to_event(len(shape))
 
     def prior_keys(self, memory: Memory, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Keys from the key prior: (B, n, *key_shape)."""
+        """Keys from the key prior: (B, n, *key_shape), for a memory this model wrote."""
+        self.check_memory(memory)
+        n = count("n", n)
         value = memory.value[0] if isinstance(memory.value, tuple) else memory.value
-        return self.key_scale * torch.randn(memory.episodes, n, *self.key_shape(), generator=generator,
+        return self.key_scale * torch.randn(memory.episodes, n, *self.key_shape(), generator=check_generator(generator),
                                             device=value.device, dtype=value.dtype)
 
     def generate(self, memory: Memory, keys: torch.Tensor, sample_z: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Likelihood parameters (B, N, C', H, W) of images read from ``memory`` with keys
         (B, N, *key_shape): z ~ p(z | M, keys) (its mean when ``sample_z`` is False), decoded."""
-        check_keys(memory, keys, self.key_shape(), self.key_name)
+        self.check_keys(memory, keys)
         return self.decode_code(*self.code_prior(memory.value, keys), sample_z, generator)   # (B, N, L) codes
 
     def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,
@@ -301,7 +342,7 @@ class EpisodicModel(PyroModule):
         """Decode z ~ N(z_loc, z_scale^2) (..., L), or z_loc itself when ``sample_z`` is False or
         there is no scale."""
         if sample_z and z_scale is not None:
-            z_loc = z_loc + z_scale * torch.randn(z_loc.shape, generator=generator, device=z_loc.device,
+            z_loc = z_loc + z_scale * torch.randn(z_loc.shape, generator=check_generator(generator), device=z_loc.device,
                                                   dtype=z_loc.dtype)
         return self.decode(z_loc)
 
@@ -322,6 +363,16 @@ class EpisodicModel(PyroModule):
         raise NotImplementedError
 
     def write(self, x: torch.Tensor) -> Memory:
+        """The memory written from episodes x (B, T, C, H, W) (each model's ``memory_from``).
+
+        x is checked in full here, its values included (finite; binary or 8-bit) even when Pyro's
+        validation is off: a write is not in the training loop, so the check's host sync costs
+        nothing there, and a NaN pixel would otherwise surface as an index error deep in the read."""
+        self.check_episode(x, values=True)
+        return Memory(self, self.memory_from(x))
+
+    def memory_from(self, x: torch.Tensor):
+        """The memory value written from the checked episodes x (see ``Memory.value``)."""
         raise NotImplementedError
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:

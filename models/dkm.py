@@ -154,9 +154,9 @@ class DynamicKanervaMachine(EpisodicModel):
         self.q(codes, R, U, RIDGE, NOISE_VAR ** 0.5)
 
     # -- memory API ----------------------------------------------------------------------------
-    def write(self, x: torch.Tensor) -> Memory:
-        """Memory (R, U) of q(M | X) written from x."""
-        return Memory(self, self.write_memory(self.q.codes(self.embed(x))))
+    def memory_from(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, U) of q(M | X) written from x."""
+        return self.write_memory(self.q.codes(self.embed(x)))
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
         """Posterior-mean addresses w* of q(w | x, M): (B, T, K), solved against ``memory`` when

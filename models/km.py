@@ -56,7 +56,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_kpp.config import Config
-from pyro_kpp.models.base import EpisodicModel, Memory, check_keys, episode_cached, episode_memory, pyro_program
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.maths.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
 from pyro_kpp.nets.build import dense_spectral_norm
@@ -217,19 +217,21 @@ class KanervaMachine(EpisodicModel):
                functools.partial(self.written_sites, lambda: written))
 
     # -- memory API ----------------------------------------------------------------------------
-    def write(self, x: torch.Tensor) -> Memory:
-        """Memory (R, U) written from x: one draw of q(M | X) (eq. 8)."""
-        return Memory(self, self.write_memory(self.embed(x)))
+    def memory_from(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, U) written from x: one draw of q(M | X) (eq. 8)."""
+        return self.write_memory(self.embed(x))
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
         """Posterior-mean addresses of q(y | x): (B, T, S); q(y | x) does not read the memory."""
+        if memory is not None:                     # not read, but it must be this model's
+            self.check_memory(memory)
         return self.q.address_posterior(self.embed(x))[0]
 
     def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """KM Algorithm 1: the code of a query read from the memory comes from the posterior
         q(z | x, y, M), which sees the query as well as the read w^T R."""
-        check_keys(memory, keys, self.key_shape(), self.key_name)
+        self.check_keys(memory, keys)
         z_loc, z_scale = self.q.code_posterior(self.embed(x), self.readout(memory.value[0], keys))  # (B, T, L)
         return self.decode_code(z_loc, z_scale, sample_z, generator)
 

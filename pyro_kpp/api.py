@@ -20,7 +20,7 @@ import torch
 from pyro_kpp.train.checkpoint import load_checkpoint, nonfinite_entries
 from pyro_kpp.config import Config
 from pyro_kpp.train.device import resolve_device
-from pyro_kpp.models.base import EpisodicModel, Memory, require_memory
+from pyro_kpp.models.base import EpisodicModel, Memory, check_generator, count, require_memory
 from pyro_kpp.reading.iterative import IterativeReading, iterative_read as read_steps
 from pyro_kpp.models import build_model
 
@@ -45,6 +45,9 @@ def model_from_state(state: dict, device: torch.device | str = "cpu") -> Episodi
 
 def load(run_dir: str | os.PathLike, device: str = "cpu") -> EpisodicModel:
     """The trained model of a run directory (or checkpoint file), in eval mode."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir: expected a run directory or checkpoint path (str or os.PathLike), "
+                        f"got {type(run_dir).__name__}")
     state = load_checkpoint(run_dir, map_location="cpu")
     return model_from_state(state, resolve_device(device)).eval()
 
@@ -75,7 +78,8 @@ def _checked_batch(model: EpisodicModel, episode: torch.Tensor, argname: str = "
 @torch.no_grad()
 def write(model: EpisodicModel, episode: torch.Tensor) -> Memory:
     """Write episodes into memory. ``episode``: (T, C, H, W) or (B, T, C, H, W) on the model's device."""
-    return model.write(_checked_batch(model, episode))
+    x = _checked_batch(model, episode)          # first: it says what ``model`` should be
+    return model.write(x)
 
 
 @torch.no_grad()
@@ -95,10 +99,9 @@ def sample(memory: Memory, keys: torch.Tensor | None = None, n: int = 16, binary
     """
     model = require_memory(memory).model
     model.check_memory(memory)
+    check_generator(generator)
     if keys is None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive number of samples, got {n!r}")
-        keys = model.prior_keys(memory, n, generator=generator)
+        keys = model.prior_keys(memory, count("n", n, noun="number of samples"), generator=generator)
     elif isinstance(keys, torch.Tensor) and keys.is_floating_point():
         keys = keys.to(model.dtype)
     if isinstance(keys, torch.Tensor) and keys.dim() >= 2:       # in chunks of images: bounded working memory
@@ -125,6 +128,7 @@ def iterative_read(model: EpisodicModel, memory: Memory, episode: torch.Tensor, 
     ``pyro_kpp.reading.iterative.IterativeReading`` (queries, keys and likelihood parameters of every step).
     """
     x = _checked_batch(model, episode)
+    check_generator(generator)
     reading = read_steps(model, memory, x, steps, feedback, generator=generator)
     if full:
         return reading

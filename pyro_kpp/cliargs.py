@@ -86,3 +86,22 @@ def flag_message(exc: Exception, fields) -> str:
     text = str(exc)
     name, sep, rest = text.partition(":")
     return f"--{name.replace('_', '-')}:{rest}" if sep and name in fields else text
+
+
+def flagged(flag: str, exc: Exception) -> str:
+    """An API error about one argument (``"name: ..."``) as the message of the CLI option ``flag``
+    that supplied it: ``--steps: ...`` when the names agree, else ``--level (peak): ...``."""
+    name, sep, rest = str(exc).partition(": ")
+    if not sep or " " in name:
+        return f"{flag}: {exc}"
+    return f"{flag}: {rest}" if name == flag.lstrip("-").replace("-", "_") else f"{flag} ({name}): {rest}"
+
+
+def check_options(checks) -> None:
+    """Run each ``(flag, check)`` pair's ``check()``; a ValueError it raises becomes the message of
+    ``flag`` (``flagged``). For API checks run by a CLI before any slow work."""
+    for flag, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise ValueError(flagged(flag, exc)) from None

@@ -50,6 +50,9 @@ DEFAULT_SLOTS = {"dkm": 32}
 #: its first 1000 steps, the phase in which the addressed write organises the memory (README
 #: "Memory use"); the other models train theirs at the honest weight throughout.
 KEY_KL_DEFAULTS = {"kpp": {"key_kl_start": 0.02, "key_kl_hold": 1000}}
+#: Upper bounds of options whose larger values are absurd rather than big (the help of each says why).
+MAX_DKM_WRITE_ITERATIONS = 10
+MAX_LR = 1.0
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
@@ -133,7 +136,8 @@ class Config:
     key_scale_min: float = opt(0.5, "K++ uniform key map: smallest window scale, in memory pixels per window pixel")
     key_scale_max: float = opt(0.6, "K++ uniform key map: largest window scale, in memory pixels per window pixel")
     memory_blur: float = opt(2.0, "K++: the prior reads the memory blurred by a Gaussian of this many memory pixels "
-                             "(0: no blur)")
+                             "(0: no blur; at most the memory's larger side: a wider blur spreads every cell over "
+                             "the whole memory, and its kernel of 6 sigma + 1 taps outgrows the memory)")
     key_std_floor: float = opt(0.0, "K++: added to every standard deviation of q(y|X)", default_text="0, the paper's family")
     kpp_posterior: str = opt("x", "K++ code posterior: x = q(z|X) (§3.5); read = q(z|X,M,y), also given the mean of "
                              "p(z|M,y) at the sampled keys", choices=("x", "read"))
@@ -145,7 +149,9 @@ class Config:
     # "distribution" = Appendix F, write the codes' distributions and read p(z | y, R, U)
     km_read_write: str = opt("mean", "KM memory access: mean = sampled codes written, mean-field memory read "
                              "(KM §3.3-3.4); distribution = KM Appendix F", choices=KM_READ_WRITE)
-    dkm_write_iterations: int = opt(1, "DKM solves of w per written image (1: against the memory before it)")
+    dkm_write_iterations: int = opt(1, "DKM solves of w per written image (1: against the memory before it; at most "
+                                    f"{MAX_DKM_WRITE_ITERATIONS}, DKM.md's 'a few': each costs a ridge solve and "
+                                    "a rank-1 update per image, so the write slows linearly with it)")
     # sizes shared by all models
     code_size: int = opt(64, "dimension L of z")
     embed_size: int = opt(256, "dimension D of the embedding e_t")
@@ -153,7 +159,8 @@ class Config:
     # optimisation
     elbo: str = opt("trace", "Pyro ELBO: trace = Trace_ELBO, meanfield = TraceMeanField_ELBO (analytic KLs)",
                     choices=ELBOS)
-    lr: float = opt(1e-3, "Adam learning rate")
+    lr: float = opt(1e-3, f"Adam learning rate (at most {MAX_LR:g}: Adam moves each weight by up to about lr per "
+                    "step, so a larger rate rewrites the weights at every step)")
     kl_warmup: int = opt(1000, "steps over which the KL weight rises linearly from 0 to 1 (0 = none)")
     kl_weight: float = opt(1.0, "training-only constant weight of every KL after the warm-up, for experiments; "
                            "reported bounds use 1")
@@ -236,8 +243,12 @@ class Config:
             raise ValueError(f"max_minutes: expected a positive number of minutes or None, got {self.max_minutes!r}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes: expected a positive integer or None, got {self.eval_episodes!r}")
-        if not (0 < self.lr < math.inf):
-            raise ValueError(f"lr: expected a positive, finite learning rate, got {self.lr!r}")
+        if not (0 < self.lr <= MAX_LR):
+            raise ValueError(f"lr: expected a positive learning rate of at most {MAX_LR:g} (Adam moves each weight "
+                             f"by up to about lr per step), got {self.lr!r}")
+        if self.dkm_write_iterations > MAX_DKM_WRITE_ITERATIONS:
+            raise ValueError(f"dkm_write_iterations: expected at most {MAX_DKM_WRITE_ITERATIONS} (DKM.md: 'a few'; "
+                             f"each costs a solve per written image), got {self.dkm_write_iterations!r}")
         if not (0 <= self.clip_norm < math.inf):
             raise ValueError(f"clip_norm: expected a finite norm >= 0 (0 disables clipping), got {self.clip_norm!r}")
         if len(self.memory_shape) != 3 or min(self.memory_shape) < 1:
@@ -259,8 +270,10 @@ class Config:
             raise ValueError(f"key_scale_min, key_scale_max: expected 0 < min <= max <= memory / window = "
                              f"{min(self.memory_shape[1:]) / self.window:g}, got {self.key_scale_min!r}, "
                              f"{self.key_scale_max!r}")
-        if not 0 <= self.memory_blur < float("inf"):
-            raise ValueError(f"memory_blur: expected a non-negative finite number of pixels, got {self.memory_blur!r}")
+        if not 0 <= self.memory_blur <= max(self.memory_shape[1:]):
+            raise ValueError(f"memory_blur: expected a number of memory pixels from 0 to {max(self.memory_shape[1:])} "
+                             f"(the memory's larger side: a wider blur spreads every cell over the whole memory), "
+                             f"got {self.memory_blur!r}")
         if not 0 <= self.key_std_floor < float("inf"):
             raise ValueError(f"key_std_floor: expected a non-negative finite number, got {self.key_std_floor!r}")
         if self.precision not in PRECISIONS:

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from pyro_kpp.cliargs import finite_float, positive_int
+from pyro_kpp.cliargs import check_options, finite_float, positive_int
 from pyro_kpp.models.base import EpisodicModel
-from pyro_kpp.reading.iterative import FEEDBACKS, IterativeReading, iterative_read
+from pyro_kpp.reading.iterative import FEEDBACKS, MAX_READ_STEPS, IterativeReading, check_steps, iterative_read
 from pyro_kpp.data.noise import NOISES, binarize_pair, corrupt, get_noise
 
 WRITE_FROM = ("noisy", "clean")
@@ -68,12 +68,13 @@ def clean_log_likelihood(model: EpisodicModel, params: torch.Tensor, clean: torc
 @torch.no_grad()
 def denoise_episodes(model: EpisodicModel, clean: torch.Tensor, noisy: torch.Tensor, steps: int,
                      write_from: str = "noisy", feedback: str = "sample",
-                     generator: torch.Generator | None = None) -> IterativeReading:
-    """Write the memory (from the noisy episodes by default) and read iteratively from the noisy images."""
+                     generator: torch.Generator | None = None, tick=None) -> IterativeReading:
+    """Write the memory (from the noisy episodes by default) and read iteratively from the noisy
+    images; ``tick()`` after each step."""
     if write_from not in WRITE_FROM:
         raise ValueError(f"write_from: expected one of {WRITE_FROM}, got {write_from!r}")
     memory = model.write(noisy if write_from == "noisy" else clean)
-    return iterative_read(model, memory, noisy, steps, feedback, generator=generator)
+    return iterative_read(model, memory, noisy, steps, feedback, generator=generator, tick=tick)
 
 
 @dataclass
@@ -109,8 +110,9 @@ class DenoiseScores:
 @torch.no_grad()
 def evaluate_denoising(model: EpisodicModel, grey_batches, noise: str, level: float | None = None,
                        steps: int = 10, write_from: str = "noisy", feedback: str = "sample",
-                       generator: torch.Generator | None = None, show: int = 8):
-    """Corrupt, write, read iteratively and score every batch of clean grey episodes (B, T, C, H, W).
+                       generator: torch.Generator | None = None, show: int = 8, tick=None):
+    """Corrupt, write, read iteratively and score every batch of clean grey episodes (B, T, C, H, W);
+    ``tick()`` after every step of every batch (a progress bar's ETA from the first step).
 
     Returns (summary, rows, labels): the per-image means of ``DenoiseScores.summary`` and the
     figure rows of the first episode (clean, noisy, each step's mean reconstruction).
@@ -119,7 +121,7 @@ def evaluate_denoising(model: EpisodicModel, grey_batches, noise: str, level: fl
     rows = None
     for grey in grey_batches:
         clean, noisy = corrupt_episodes(model, grey, noise, level, generator)
-        reading = denoise_episodes(model, clean, noisy, steps, write_from, feedback, generator)
+        reading = denoise_episodes(model, clean, noisy, steps, write_from, feedback, generator, tick)
         scores.add(model, reading, clean, noisy)
         if rows is None:
             rows = [clean[0, :show], noisy[0, :show], *reading.means()[:, 0, :show]]
@@ -144,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
     p.add_argument("--noise", required=True, choices=sorted(NOISES))
     p.add_argument("--level", type=finite_float, default=None, help="noise level (meaning depends on the noise, see below)")
-    p.add_argument("--steps", type=int, default=10, help="iterative-reading steps (K++ Fig. 6: 10)")
+    p.add_argument("--steps", type=int, default=10, help=f"iterative-reading steps (K++ Fig. 6: 10; at most "
+                                                         f"{MAX_READ_STEPS}, every step is kept)")
     p.add_argument("--episodes", type=int, default=None, help="test episodes to score (default: all)")
     p.add_argument("--write-from", choices=WRITE_FROM, default="noisy", help="episode the memory is written from")
     p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what each step feeds back")
-    p.add_argument("--out", default=None, help="PNG figure of the first test episode (default: none)")
+    p.add_argument("--out", default=None, help="PNG figure of the first test episode (default: none; "
+                                               "'.png' is added to a name without a suffix)")
     p.add_argument("--show", type=positive_int, default=8, help="images of the first episode in the figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, binarization and feedback draws")
     p.add_argument("--data-dir", default=None)
@@ -160,31 +164,33 @@ def main(argv: list[str] | None = None) -> int:
     from pyro_kpp import data as data_lib
     from pyro_kpp.api import model_from_state
     from pyro_kpp.train.checkpoint import load_checkpoint
-    from pyro_kpp.viz.grids import rows_figure
+    from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
     from pyro_kpp.data.episodes import Episodes, test_batches
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.steps < 1:
-            raise ValueError(f"--steps: expected a positive integer, got {args.steps}")
-        if args.episodes is not None and args.episodes < 1:
-            raise ValueError(f"--episodes: expected a positive integer, got {args.episodes}")
         noise = get_noise(args.noise)
         level = noise.default_level if args.level is None else args.level
+        check_options([("--steps", lambda: check_steps(args.steps)),      # before the checkpoint and data are read
+                       ("--out", lambda: args.out is None or png_path(args.out))])
+        if args.episodes is not None and args.episodes < 1:
+            raise ValueError(f"--episodes: expected a positive integer, got {args.episodes}")
         state = load_checkpoint(args.run_dir)
         model = model_from_state(state).eval()
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
+        check_options([("--level", lambda: noise.apply(torch.zeros(1, *data.image_shape), level))])  # a blank image
         episodes = Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=False)
         gen = torch.Generator().manual_seed(args.seed)
         n_episodes = min(args.episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
-        batches = tqdm(test_batches(episodes, args.episodes), desc=f"denoising ({args.steps} steps)", unit="batch",
-                       total=math.ceil(n_episodes / cfg.batch_size), disable=args.json)
-        summary, rows, labels = evaluate_denoising(model, batches, args.noise, level,
-                                                   args.steps, args.write_from, args.feedback, gen, args.show)
-        if args.out is not None:
-            rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
+        bar = tqdm(desc=f"denoising: batches x steps ({args.steps} steps)", unit="step", disable=args.json,
+                   total=math.ceil(n_episodes / cfg.batch_size) * args.steps, dynamic_ncols=True)
+        with bar:
+            summary, rows, labels = evaluate_denoising(model, test_batches(episodes, args.episodes), args.noise,
+                                                       level, args.steps, args.write_from, args.feedback, gen,
+                                                       args.show, tick=bar.update)
+        out = None if args.out is None else save_figure(rows_figure(rows, labels), png_path(args.out), dpi=100)
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     header = {"noise": args.noise, noise.level_name: level, "write_from": args.write_from,
@@ -197,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
               f"memory written from the {args.write_from} episodes; feedback={args.feedback}; "
               f"checkpoint at step {state.get('step')}, {state.get('epoch')} complete epochs")
         print(format_table(summary))
-        if args.out is not None:
-            print(f"figure: {args.out}")
+        if out is not None:
+            print(f"figure: {out}")
     return 0
 
 

@@ -36,14 +36,20 @@ from pyro_kpp.api import model_from_state
 from pyro_kpp.train import speed
 from pyro_kpp.inference.bound import evaluate, particle_passes
 from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.cliargs import positive_int
 from pyro_kpp.config import Config
 from pyro_kpp.train.device import resolve_device
 from pyro_kpp.inference.posterior import pareto_k
+from pyro_kpp.models.base import count
 from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
 from pyro_kpp.inference.memory_use import class_diagnose, diagnose
 from pyro_kpp.data.episodes import make_episodes, test_batches
 
 
+#: Most importance samples per image. The IW bound's gap to ln p(x) shrinks like 1/S (Burda et al.,
+#: 2016, report S = 5000), while the time grows like S: the whole Omniglot test split takes about
+#: 100 s at the default S = 100 on our CPU, so S = 10^4 is already hours (with a progress bar and ETA).
+MAX_SAMPLES = 10_000
 #: Fewest importance samples per image for which the Pareto-k fit is reported. PSIS fits the
 #: tail of the largest min(0.2 S, 3 sqrt(S)) weights, and ArviZ returns k = inf, no fit, for a
 #: tail of 4 or fewer: S = 20 gives 4 (every k inf), S = 21 the first fit.
@@ -89,8 +95,12 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     their terms, and ``loo_minus_full``, the leave-one-out minus the full -ELBO: for a conditional
     bound (``conditional_bound``: K++, KM) the part that comes from each image storing itself);
     it doubles the particles drawn and needs T >= 2."""
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples: expected a positive integer, got {samples!r}")
+    samples = count("samples", samples)
+    if max_episodes is not None:
+        max_episodes = count("max_episodes", max_episodes)
+    if samples > MAX_SAMPLES:
+        raise ValueError(f"samples: expected at most {MAX_SAMPLES} importance samples per image (the bound's gap "
+                         f"shrinks like 1/S, the time grows like S), got {samples}")
     state = load_checkpoint(run_dir)
     cfg = Config.from_dict(state["config"])
     dev = resolve_device(device)
@@ -134,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyro_kpp.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
-    p.add_argument("-S", "--samples", type=int, default=100, help="importance samples per image")
-    p.add_argument("--episodes", type=int, default=None, help="evaluate only this many test episodes (None: all; "
+    p.add_argument("-S", "--samples", type=int, default=100, help=f"at most {MAX_SAMPLES} (the bound's gap to "
+                                                                  f"ln p(x) shrinks like 1/S, the time grows like S): "
+                                                                  f"importance samples per image")
+    p.add_argument("--episodes", type=positive_int, default=None, help="evaluate only this many test episodes (None: all; "
                                                             "the whole Omniglot test split at S=100 takes minutes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--data-dir", default=None, help="data root (None: the run's, stored in its config)")

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from pyro_kpp import data as data_lib
 from pyro_kpp.api import load
-from pyro_kpp.cliargs import finite_float, positive_int
+from pyro_kpp.cliargs import check_options, finite_float, positive_int
 from pyro_kpp.data.episodes import Episodes, class_episodes
-from pyro_kpp.viz.grids import rows_figure
+from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
 from pyro_kpp.models.base import EpisodicModel
-from pyro_kpp.reading.iterative import (FEEDBACKS, PERTURBATION_STD, check_positive, clean_up, interpolate,
-                                        iterative_read, perturbed_keys)
+from pyro_kpp.reading.iterative import (FEEDBACKS, MAX_READ_STEPS, MAX_ROW, PERTURBATION_STD, check_row, check_steps,
+                                        clean_up, interpolate, iterative_read, perturbed_keys)
 
 
 MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")
@@ -38,7 +37,7 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    check_positive("n", n)
+    n = check_row(n)
     mean = model.likelihood.mean
     x = x[:1]
     memory = model.write(x)
@@ -73,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "characters, interpolation, iterative reading."))
     p.add_argument("run_dir", help="run directory (or checkpoint file)")
     p.add_argument("mode", choices=MODES)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("-n", type=positive_int, default=8, help="images per row")
-    p.add_argument("--steps", type=positive_int, default=10, help="iterations (clean-up, one-shot, iterative-read)")
+    p.add_argument("--out", required=True, help="PNG file to write ('.png' is added to a name without a suffix)")
+    p.add_argument("-n", type=positive_int, default=8, help=f"images per row (at most {MAX_ROW})")
+    p.add_argument("--steps", type=positive_int, default=10, help=f"iterations (clean-up, one-shot, iterative-read; "
+                                                                   f"at most {MAX_READ_STEPS}, every step is a row)")
     p.add_argument("--feedback", choices=FEEDBACKS, default="sample", help="what iterative reading feeds back")
     p.add_argument("--std", type=finite_float, default=PERTURBATION_STD, help="key perturbation std (perturbed)")
     p.add_argument("--classes", type=positive_int, default=2, help="characters in the one-shot episode (KM: 2, 4, 12)")
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_options([("--out", lambda: png_path(args.out)), ("--steps", lambda: check_steps(args.steps)),
+                       ("-n", lambda: check_row(args.n))])               # before the checkpoint and data are read
         model = load(args.run_dir)
         cfg = model.cfg
         data = data_lib.load_dataset(cfg.data, args.data_dir if args.data_dir is not None else cfg.data_dir)
@@ -104,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             x = next(iter(Episodes(data, T, 1, seed=args.seed, binarize=binarize).test_episodes()))
         gen = torch.Generator().manual_seed(args.seed)
         rows, labels = figure_rows(model, x, args.mode, args.n, args.steps, args.feedback, args.std, gen)
-        rows_figure(rows, labels).savefig(args.out, dpi=100, bbox_inches="tight")
+        out = save_figure(rows_figure(rows, labels), png_path(args.out), dpi=100)
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {Path(args.out)}")
+    print(f"wrote {out}")
     return 0
 
 

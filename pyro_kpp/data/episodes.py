@@ -20,8 +20,9 @@ import torch
 
 from pyro_kpp.config import Config
 from pyro_kpp.data.base import DataError, ImageData
-from pyro_kpp.data.sets import TEST_SEED, load_dataset
+from pyro_kpp.data.sets import DATASETS, TEST_SEED, load_dataset
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
+from pyro_kpp.train.device import resolve_device
 from pyro_kpp.data.classes import check_classes, class_episode_index, class_split, max_class_episodes
 
 if TYPE_CHECKING:                                           # for the annotation only: no import at run time
@@ -100,7 +101,7 @@ class Episodes:
         self.data = data
         self.binarize = bool(binarize)
         self.as_uint8 = bool(as_uint8)
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))      # "cuda" without a GPU: refused, by name
         train, self._valid_images = self._carve_validation(data.train, _check_count("valid_images", valid_images, 0))
         self._train = train.to(self.device)
         self._test: torch.Tensor | None = None   # (E, T, C, H, W) uint8, built on first use
@@ -365,6 +366,9 @@ def load_episodes(data: str | None = None, split: str = "test", T: int | None = 
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    device = resolve_device(str(device))                       # before the data set is loaded
+    if data is not None and data not in DATASETS:
+        raise ValueError(f"data: expected one of {', '.join(DATASETS)}, got {data!r}")
     base = _run_config(run) if run is not None else Config(data=data or "omniglot")
     chosen = {"data": data, "data_dir": data_dir, "likelihood": likelihood, "episode_length": T, "batch_size": B,
               "valid_images": valid_images, "seed": seed, "episode_classes": classes}
@@ -372,7 +376,7 @@ def load_episodes(data: str | None = None, split: str = "test", T: int | None = 
     if data is not None and data != base.data:               # another data set: its own default likelihood
         fields["likelihood"] = likelihood
     cfg = dataclasses.replace(base, **fields)
-    episodes = make_episodes(cfg, load_dataset(cfg.data, cfg.data_dir), torch.device(device))
+    episodes = make_episodes(cfg, load_dataset(cfg.data, cfg.data_dir), device)
     if split == "train":
         return episodes.train_epoch(0)
     return episodes.valid_episodes() if split == "valid" else episodes.test_episodes()

@@ -33,6 +33,9 @@ from typing import Callable
 import torch
 
 KM_BLOCK_SIZE = 12  # KM §4.3: "randomly positioned 12x12 blocks"
+#: Largest Poisson peak: at 10^6 the noise's standard deviation at grey level 1 is 1/1000, below one
+#: 8-bit level (1/255), so a larger peak adds nothing visible; far larger ones overflow float32.
+MAX_PEAK = 1e6
 
 
 def _check_images(x: torch.Tensor, argname: str = "x") -> None:
@@ -70,8 +73,9 @@ def speckle(x: torch.Tensor, std: float, generator: torch.Generator | None = Non
 def poisson(x: torch.Tensor, peak: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shot noise Poisson(peak x) / peak, clipped to [0, 1] (smaller ``peak``: more noise)."""
     _check_images(x)
-    if not 0.0 < peak < math.inf:
-        raise ValueError(f"peak: expected a positive, finite count for grey level 1, got {peak!r}")
+    if not 0.0 < peak <= MAX_PEAK:
+        raise ValueError(f"peak: expected a positive, finite count for grey level 1 of at most {MAX_PEAK:g} (its noise is "
+                         f"then below one 8-bit level), got {peak!r}")
     counts = torch.poisson(x * peak, generator=generator)
     return (counts / peak).clamp(0.0, 1.0)
 
@@ -81,7 +85,9 @@ def blocks(x: torch.Tensor, count: float = 1, generator: torch.Generator | None 
     """``count`` randomly placed ``size`` x ``size`` squares per image set to ``fill`` (KM §4.3).
 
     Each square lies wholly inside the image; squares of one image may overlap; all channels
-    of a pixel are covered together.
+    of a pixel are covered together. ``count`` is at most the number of places a square fits,
+    (H - size + 1)(W - size + 1): more squares than places only repeat places (and the
+    (..., count, H, W) mask grows with count).
     """
     _check_images(x)
     if not math.isfinite(count) or float(count) != int(count) or count < 0:
@@ -89,6 +95,10 @@ def blocks(x: torch.Tensor, count: float = 1, generator: torch.Generator | None 
     H, W = x.shape[-2:]
     if not isinstance(size, int) or not 1 <= size <= min(H, W):
         raise ValueError(f"size: expected a block side between 1 and {min(H, W)} pixels, got {size!r}")
+    places = (H - size + 1) * (W - size + 1)
+    if count > places:
+        raise ValueError(f"count: expected at most {places} blocks (the places a {size}x{size} block fits in a "
+                         f"{H}x{W} image), got {count!r}")
     if not 0.0 <= fill <= 1.0:
         raise ValueError(f"fill: expected a grey level in [0, 1], got {fill!r}")
     lead = x.shape[:-3]
@@ -120,8 +130,8 @@ NOISES = {
         Noise("salt-and-pepper", salt_and_pepper, "amount", 0.1,
               "fraction of pixels replaced by 0 or 1 (about half of them flip)"),
         Noise("speckle", speckle, "std", 1.0, "std of the multiplicative Gaussian noise"),
-        Noise("poisson", poisson, "peak", 2.0, "Poisson count of a grey level 1 (smaller = noisier)"),
-        Noise("blocks", blocks, "count", 1, f"number of {KM_BLOCK_SIZE}x{KM_BLOCK_SIZE} occluding blocks"),
+        Noise("poisson", poisson, "peak", 2.0, f"Poisson count of a grey level 1 (smaller = noisier; at most {MAX_PEAK:g})"),
+        Noise("blocks", blocks, "count", 1, f"number of {KM_BLOCK_SIZE}x{KM_BLOCK_SIZE} occluding blocks (at most the places one fits)"),
     ]
 }
 

@@ -41,10 +41,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyro_kpp.models.base import EpisodicModel, Memory
+from pyro_kpp.models.base import EpisodicModel, Memory, check_generator, count
 
 FEEDBACKS = ("sample", "threshold")
 PERTURBATION_STD = 0.1  # K++ §4.1.1
+#: Most iterative-reading steps: every step's reconstruction is kept, (steps, B, T, C', H, W), for
+#: the scores and the figures (a row per step), and the papers read 10 (K++ Fig. 6, KM Fig. 4).
+MAX_READ_STEPS = 100
+#: Most images in a figure row (``figure_rows``' n): 64 images of 28 pixels are already 1,792 pixels wide.
+MAX_ROW = 64
 
 
 @dataclass
@@ -70,16 +75,27 @@ class IterativeReading:
         return self.model.likelihood.mean(self.params)
 
 
-def check_positive(argname: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argname}: expected a positive integer, got {value!r}")
-    return value
-
-
 def _check_memory(model: EpisodicModel, memory: Memory) -> None:
     if not isinstance(model, EpisodicModel):
         raise TypeError(f"model: expected a pyro_kpp model (e.g. from pyro_kpp.load), got {type(model).__name__}")
     model.check_memory(memory)
+
+
+def check_steps(steps, minimum: int = 1) -> int:
+    """A number of iterative-reading steps, ``minimum`` .. ``MAX_READ_STEPS`` (why: see there)."""
+    steps = count("steps", steps, minimum)
+    if steps > MAX_READ_STEPS:
+        raise ValueError(f"steps: expected at most {MAX_READ_STEPS} (every step is kept; the papers read 10), "
+                         f"got {steps}")
+    return steps
+
+
+def check_row(n) -> int:
+    """A number of images per figure row, 1 .. ``MAX_ROW``."""
+    n = count("n", n)
+    if n > MAX_ROW:
+        raise ValueError(f"n: expected at most {MAX_ROW} images per row, got {n}")
+    return n
 
 
 def feed_back(model: EpisodicModel, params: torch.Tensor, feedback: str = "sample",
@@ -98,14 +114,17 @@ def feed_back(model: EpisodicModel, params: torch.Tensor, feedback: str = "sampl
 @torch.no_grad()
 def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps: int,
                    feedback: str = "sample", sample_z: bool = False,
-                   generator: torch.Generator | None = None) -> IterativeReading:
+                   generator: torch.Generator | None = None, tick=None) -> IterativeReading:
     """``steps`` iterations of re-inferring keys and reading the fixed memory (K++ eq. 7, KM Alg. 1).
 
     x: queries (B, T, C, H, W), one episode batch matching the memory's B episodes. The
-    memory is only read, never written. Returns every step (see :class:`IterativeReading`).
+    memory is only read, never written. Returns every step (see :class:`IterativeReading`);
+    ``steps`` is at most ``MAX_READ_STEPS``. ``tick()``, if given, is called after each step
+    (progress bars).
     """
     _check_memory(model, memory)
-    check_positive("steps", steps)
+    steps = check_steps(steps)
+    check_generator(generator)
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback: expected one of {FEEDBACKS}, got {feedback!r}")
     model.check_episode(x, "x")
@@ -119,6 +138,8 @@ def iterative_read(model: EpisodicModel, memory: Memory, x: torch.Tensor, steps:
         queries.append(query)
         keys.append(k)
         params.append(p)
+        if tick is not None:
+            tick()
         if step + 1 < steps:
             query = feed_back(model, p, feedback, generator)
     return IterativeReading(torch.stack(queries), torch.stack(keys), torch.stack(params), model)
@@ -134,8 +155,7 @@ def clean_up(model: EpisodicModel, memory: Memory, keys: torch.Tensor, steps: in
     parameters (steps + 1, B, N, C', H, W): the first generation, then each clean-up step.
     """
     _check_memory(model, memory)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    steps = check_steps(steps, minimum=0)
     first = model.generate(memory, keys, sample_z=sample_z, generator=generator)
     if steps == 0:
         return first.unsqueeze(0)
@@ -151,7 +171,7 @@ def perturbed_keys(keys: torch.Tensor, n: int, std: float = PERTURBATION_STD,
     keys: (B, N, *key_shape) -> (B, N * n, *key_shape); perturbations of key j are rows
     j * n .. j * n + n - 1.
     """
-    check_positive("n", n)
+    n = count("n", n)
     if not 0 <= std < math.inf:
         raise ValueError(f"std: expected a finite, non-negative standard deviation, got {std!r}")
     base = keys.repeat_interleave(n, dim=1)

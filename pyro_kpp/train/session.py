@@ -30,6 +30,7 @@ from pyro_kpp.models import build_model
 from pyro_kpp.viz.curves import save_curves_or_warn
 from pyro_kpp.train import distributed, rundir, speed
 from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, ensure_writable, save_checkpoint
+from pyro_kpp.train.footprint import check_training_fits
 from pyro_kpp.train.epoch import eval_split, evaluate_epoch, report, weights
 from pyro_kpp.train.interrupts import StopRequests
 from pyro_kpp.train.optim import build_optimizer
@@ -70,6 +71,7 @@ class Run:
         if resume_state is not None:
             rundir.check_same_data(resume_state.get("data"), fingerprint, cfg.data_dir)
         cfg.image_shape = tuple(data.image_shape)
+        check_training_fits(cfg, world.device, world.size)      # sizes that cannot fit: refused before allocating
         episodes = make_episodes(cfg, data, world.device)
 
         pyro.set_rng_seed(cfg.seed)

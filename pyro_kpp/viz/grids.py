@@ -12,6 +12,22 @@ from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.inference.handlers import reuse_embedding
 
 
+def png_path(out: str | os.PathLike) -> Path:
+    """Where a figure asked for as ``out`` is written by ``save_figure``: a name without a suffix
+    gets '.png' (as matplotlib would add silently), so the path a CLI prints is the file it wrote;
+    a folder, a missing folder or another suffix is refused (the figure is always a PNG)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"out: {path} is a folder; expected a PNG file name, e.g. {path / 'figure.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise ValueError(f"out: expected a .png file name (the figure is a PNG), got {str(out)!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"out: the folder {path.parent} does not exist")
+    return path
+
+
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG through a temporary file and a rename, so a reader (or a
     crash) never sees half a file; closes the figure."""

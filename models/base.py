@@ -291,19 +291,13 @@ class EpisodicModel(PyroModule):
         return episode_cached(self, x, "E", encode)
 
     # -- leave-one-out memories: what the rest of an episode tells about an image --------------
-    def memory_state(self, x: torch.Tensor):
-        """What the model writes from episodes x (B, T, C, H, W) and its programs read, cached under
-        "memory" inside ``reuse_embedding``; None for a model without a memory (the VAE)."""
-        return None
-
     def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
         """``episode_cached`` values that make the programs, run on single-image episodes whose
         embeddings are E_single (B', 1, D), read the memory written from ``others``
         (B', T - 1, C, H, W) instead of one written from the image itself
-        (``pyro_kpp.inference.handlers.leave_one_out``). By default the memory state of ``others`` (K++, KM);
-        a model whose memory is a latent variable also sets its prior (DKM)."""
-        state = self.memory_state(others)
-        return {} if state is None else {"memory": state}
+        (``pyro_kpp.inference.handlers.leave_one_out``). By default the memory written from
+        ``others`` (K++, KM); a model whose memory is a latent variable also sets its prior (DKM)."""
+        return {"memory": self.memory_from(others)}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters (..., C', H, W) from codes z (..., L)."""

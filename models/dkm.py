@@ -98,14 +98,14 @@ class DynamicKanervaMachine(EpisodicModel):
             R_t, U_t = bayes_write_step(R, U, w, c, NOISE_VAR)
         return R_t, U_t
 
-    def memory_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def codes_and_memory(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """codes (B, T, L) of x and q(M | X)'s (R, U), (B, K, L) and (B, K, K)."""
         codes = self.q.codes(self.embed(x))
         return (codes, *self.write_memory(codes))
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """codes (B, T, L) and q(M | X)'s (R, U) for x, once per x inside ``reuse_embedding``."""
-        codes, R, U = episode_cached(self, x, "memory", lambda: self.memory_state(x))
+        codes, R, U = episode_cached(self, x, "memory", lambda: self.codes_and_memory(x))
         return (codes, *episode_memory((R, U)))
 
     def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
@@ -114,7 +114,7 @@ class DynamicKanervaMachine(EpisodicModel):
         ln p(x_t | M written from X_-t) = ln E_{q(M|X_-t)}[p(x_t | M)], a proper density over x_t.
         Its guide is DKM's own write continued with x_t's code (one more ``write_step``), so the
         memory KL of the bound is KL(q(M | X_-t, x_t) || q(M | X_-t)): what storing x_t costs."""
-        _, R, U = self.memory_state(others)                                  # (B', K, L), (B', K, K)
+        _, R, U = self.codes_and_memory(others)                                  # (B', K, L), (B', K, K)
         codes = self.q.codes(E_single)                                       # (B', 1, L)
         return {"memory": (codes, *self.write_step(R, U, codes[:, 0])), "memory_prior": (R, U)}
 
@@ -156,7 +156,7 @@ class DynamicKanervaMachine(EpisodicModel):
     # -- memory API ----------------------------------------------------------------------------
     def memory_from(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, U) of q(M | X) written from x."""
-        return self.write_memory(self.q.codes(self.embed(x)))
+        return self.codes_and_memory(x)[1:]
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
         """Posterior-mean addresses w* of q(w | x, M): (B, T, K), solved against ``memory`` when

@@ -168,11 +168,7 @@ class KanervaMachine(EpisodicModel):
 
     def written(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The memory written from x, shared by guide and model inside ``reuse_embedding``."""
-        return episode_memory(episode_cached(self, x, "memory", lambda: self.memory_state(x)))
-
-    def memory_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, U) of one stochastic write of x: (B, K, L), (B, K, K)."""
-        return self.write_memory(self.embed(x))
+        return episode_memory(episode_cached(self, x, "memory", lambda: self.memory_from(x)))
 
     def readout(self, R: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """w_t^T R: memory means R (B, K, L), addresses y (..., B, T, S) -> (..., B, T, L)."""

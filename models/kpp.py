@@ -124,11 +124,7 @@ class KanervaPlusPlus(EpisodicModel):
     def written(self, x: torch.Tensor) -> torch.Tensor:
         """The memory (B, C, H, W) written from x, computed once per x inside ``reuse_embedding``
         (model and guide both read it when ``kpp_posterior == "read"``)."""
-        return episode_memory(episode_cached(self, x, "memory", lambda: self.memory_state(x)))
-
-    def memory_state(self, x: torch.Tensor) -> torch.Tensor:
-        """M written from x: (B, C, H, W)."""
-        return self.write_memory(self.embed(x))
+        return episode_memory(episode_cached(self, x, "memory", lambda: self.memory_from(x)))
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""

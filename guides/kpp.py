@@ -26,8 +26,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from pyro_kpp.nets.conv import GaussianHead
 from pyro_kpp.maths.spatial import KEY_DIM
+from pyro_kpp.nets.conv import GaussianHead
 
 
 class KppGuide(PyroModule):

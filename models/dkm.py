@@ -52,9 +52,9 @@ import pyro.distributions as dist
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.dkm import DkmGuide
 from pyro_kpp.maths.matrix_normal import MatrixNormal, bayes_write_step, read_gaussian, ridge_weights
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.models.km import MemoryPrior, raw_scale
 from pyro_kpp.nets.build import dense_spectral_norm
 

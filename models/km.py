@@ -56,9 +56,9 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_kpp.config import Config
-from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.km import KmGuide
 from pyro_kpp.maths.matrix_normal import MatrixNormal, bayes_write, read, read_gaussian
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.nets.build import dense_spectral_norm
 from pyro_kpp.nets.conv import SCALE_FLOOR, DenseNet, positive_scale
 from torch.distributions import constraints

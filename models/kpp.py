@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from pyro_kpp.config import Config
-from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.guides.kpp import KppGuide
+from pyro_kpp.maths.spatial import KEY_DIM, SpatialTransformerRead
+from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.nets.build import dense_spectral_norm
 from pyro_kpp.nets.conv import ConvGaussianHead, DenseNet, MemoryWriter, over_leading
-from pyro_kpp.maths.spatial import KEY_DIM, SpatialTransformerRead
 
 
 def gaussian_blur(memory: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ import pyro
 import torch
 
 from pyro_kpp.config import Config
-from pyro_kpp.models.base import EpisodicModel, Memory, pyro_program
 from pyro_kpp.guides.vae import VaeGuide
+from pyro_kpp.models.base import EpisodicModel, Memory, pyro_program
 from pyro_kpp.nets.build import dense_spectral_norm
 
 

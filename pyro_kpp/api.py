@@ -17,12 +17,12 @@ import os
 
 import torch
 
-from pyro_kpp.train.checkpoint import load_checkpoint, nonfinite_entries
 from pyro_kpp.config import Config
-from pyro_kpp.train.device import resolve_device
+from pyro_kpp.models import build_model
 from pyro_kpp.models.base import EpisodicModel, Memory, check_generator, count, require_memory
 from pyro_kpp.reading.iterative import IterativeReading, iterative_read as read_steps
-from pyro_kpp.models import build_model
+from pyro_kpp.train.checkpoint import load_checkpoint, nonfinite_entries
+from pyro_kpp.train.device import resolve_device
 
 #: Images decoded per ``generate`` call in ``sample``: bounds its working memory whatever ``n`` is.
 SAMPLE_CHUNK = 256

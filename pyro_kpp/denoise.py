@@ -33,9 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_kpp.cliargs import check_options, finite_float, positive_int
+from pyro_kpp.data.noise import NOISES, binarize_pair, corrupt, get_noise
 from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.reading.iterative import FEEDBACKS, MAX_READ_STEPS, IterativeReading, check_steps, iterative_read
-from pyro_kpp.data.noise import NOISES, binarize_pair, corrupt, get_noise
 
 WRITE_FROM = ("noisy", "clean")
 

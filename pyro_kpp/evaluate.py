@@ -33,17 +33,17 @@ from tqdm.auto import tqdm
 
 from pyro_kpp import data as data_lib
 from pyro_kpp.api import model_from_state
-from pyro_kpp.train import speed
-from pyro_kpp.inference.bound import evaluate, particle_passes
-from pyro_kpp.train.checkpoint import load_checkpoint
 from pyro_kpp.cliargs import positive_int
 from pyro_kpp.config import Config
-from pyro_kpp.train.device import resolve_device
-from pyro_kpp.inference.posterior import pareto_k
-from pyro_kpp.models.base import count
-from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
-from pyro_kpp.inference.memory_use import class_diagnose, diagnose
 from pyro_kpp.data.episodes import make_episodes, test_batches
+from pyro_kpp.inference.bound import evaluate, particle_passes
+from pyro_kpp.inference.memory_use import class_diagnose, diagnose
+from pyro_kpp.inference.posterior import pareto_k
+from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
+from pyro_kpp.models.base import count
+from pyro_kpp.train import speed
+from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.train.device import resolve_device
 
 
 #: Most importance samples per image. The IW bound's gap to ln p(x) shrinks like 1/S (Burda et al.,

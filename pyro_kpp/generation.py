@@ -12,10 +12,10 @@ from pyro_kpp import data as data_lib
 from pyro_kpp.api import load
 from pyro_kpp.cliargs import check_options, finite_float, positive_int
 from pyro_kpp.data.episodes import Episodes, class_episodes
-from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
 from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.reading.iterative import (FEEDBACKS, MAX_READ_STEPS, MAX_ROW, PERTURBATION_STD, check_row, check_steps,
                                         clean_up, interpolate, iterative_read, perturbed_keys)
+from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
 
 
 MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")

@@ -10,16 +10,16 @@ import torch
 
 import pyro_kpp
 from pyro_kpp import api
-from pyro_kpp import svi
 from pyro_kpp import evaluate as evaluate_cli
+from pyro_kpp import svi
 from pyro_kpp.bench.__main__ import main as bench_main
-from pyro_kpp.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_kpp.denoise import main as denoise_main
-from pyro_kpp.models.base import Memory
 from pyro_kpp.generation import main as generation_main
-from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.models.base import Memory
+from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.train import session
+from pyro_kpp.train.checkpoint import load_checkpoint, save_checkpoint
 
 from helpers import tiny_cli_args, tiny_config
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_kpp.train import speed
 from pyro_kpp.bench.__main__ import main
 from pyro_kpp.bench.measure import alternate, count_dispatched, peak_memory
 from pyro_kpp.bench.reference import kpp_reference_loss
 from pyro_kpp.bench.sizes import Bench, LinearDecoder, LinearEncoder
 from pyro_kpp.inference.bound import make_elbo, training_loss
 from pyro_kpp.svi import train
+from pyro_kpp.train import speed
 
 from helpers import tiny_config
 from pyro_kpp.inference.handlers import reuse_embedding

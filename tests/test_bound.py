@@ -15,8 +15,8 @@ from pyro import poutine
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from pyro_kpp.inference.bound import ScaleLatents, evaluate, image_bounds, log_weights, make_elbo, training_loss
-from pyro_kpp.models.kpp import gaussian_blur
 from pyro_kpp.models import build_model
+from pyro_kpp.models.kpp import gaussian_blur
 
 from helpers import tiny_config
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from pyro_kpp import denoise as D
 from pyro_kpp.data import noise as N
-from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.models import build_model
+from pyro_kpp.reading.iterative import iterative_read
 
 from helpers import tiny_config
 

@@ -28,9 +28,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pyro_kpp.train import distributed
-
 from pyro_kpp import svi
+from pyro_kpp.train import distributed
 from pyro_kpp.train.checkpoint import load_checkpoint
 
 from helpers import make_mnist, tiny_cli_args

@@ -13,9 +13,9 @@ from pyro import poutine
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 from pyro_kpp.inference.bound import PARTICLE_DIM, evaluate, make_elbo, training_loss
-from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.maths.matrix_normal import MatrixNormal, ridge_weights
 from pyro_kpp.models import build_model
+from pyro_kpp.reading.iterative import iterative_read
 
 from helpers import tiny_config
 from pyro_kpp.inference.handlers import reuse_embedding

@@ -18,11 +18,11 @@ import torchvision
 import pyro_kpp
 from pyro_kpp import data as D
 from pyro_kpp import plot
-from pyro_kpp.viz import curves
-from pyro_kpp.train import speed
 from pyro_kpp import svi
 from pyro_kpp.config import Config
 from pyro_kpp.train import epoch, session
+from pyro_kpp.train import speed
+from pyro_kpp.viz import curves
 
 from helpers import tiny_config
 

@@ -11,8 +11,8 @@ from torch.distributions import Normal, kl_divergence
 
 from pyro_kpp.inference import posterior as I
 from pyro_kpp.inference.bound import log_weights
-from pyro_kpp.models import MODELS, build_model
 from pyro_kpp.maths.spatial import SpatialTransformerRead, exact_window_keys
+from pyro_kpp.models import MODELS, build_model
 
 from helpers import tiny_config
 

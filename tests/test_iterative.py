@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import pyro_kpp
-from pyro_kpp.generation import MODES, main as generation_main
-from pyro_kpp.reading import iterative as G
 from pyro_kpp.data import DataError, ImageData
 from pyro_kpp.data.episodes import class_episodes
+from pyro_kpp.generation import MODES, main as generation_main
 from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.reading import iterative as G
 
 from helpers import tiny_config
 

@@ -15,9 +15,9 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 import pyro_kpp
 from pyro_kpp import evaluate as evaluate_cli
 from pyro_kpp import svi
-from pyro_kpp.inference.bound import PARTICLE_DIM, evaluate, log_weights, make_elbo
-from pyro_kpp.data.sets import load_dataset
 from pyro_kpp.data import episodes as episodes_lib
+from pyro_kpp.data.sets import load_dataset
+from pyro_kpp.inference.bound import PARTICLE_DIM, evaluate, log_weights, make_elbo
 from pyro_kpp.models import build_model
 
 from helpers import tiny_cli_args, tiny_config

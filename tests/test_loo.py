@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
-from pyro_kpp.inference import memory_use
-from pyro_kpp.inference.bound import evaluate, leave_one_out_particles, log_weights, particle_traces
 from pyro_kpp.data import DataError
 from pyro_kpp.data.episodes import Episodes
 from pyro_kpp.data.omniglot import OMNIGLOT_BACKGROUND_CHARACTERS
-from pyro_kpp.models import build_model
+from pyro_kpp.inference import memory_use
+from pyro_kpp.inference.bound import evaluate, leave_one_out_particles, log_weights, particle_traces
 from pyro_kpp.inference.handlers import leave_one_out, reuse_embedding
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 

@@ -10,12 +10,12 @@ import torch
 from pyro import poutine
 
 from pyro_kpp import svi
-from pyro_kpp.inference.bound import bound_terms, evaluate, make_elbo, particle_traces, training_loss
 from pyro_kpp.config import Config
+from pyro_kpp.inference.bound import bound_terms, evaluate, make_elbo, particle_traces, training_loss
 from pyro_kpp.inference.memory_use import diagnose, sample_affinity
-from pyro_kpp.models import build_model
 from pyro_kpp.inference.schedules import key_kl_weight, kl_weight
 from pyro_kpp.maths.spatial import SpatialTransformerRead, exact_window_keys
+from pyro_kpp.models import build_model
 
 from helpers import tiny_config
 from pyro_kpp.inference.handlers import foreign_memory, reuse_embedding

@@ -12,15 +12,15 @@ import torch
 import pyro_kpp
 from pyro_kpp import denoise
 from pyro_kpp import evaluate
-from pyro_kpp.train import footprint
+from pyro_kpp import generation as generation_cli
 from pyro_kpp import svi
 from pyro_kpp.config import Config
-from pyro_kpp.denoise import evaluate_denoising
-from pyro_kpp.reading.iterative import MAX_READ_STEPS, iterative_read
-from pyro_kpp import generation as generation_cli
 from pyro_kpp.data.noise import MAX_PEAK, blocks, poisson
-from pyro_kpp.viz.grids import png_path
+from pyro_kpp.denoise import evaluate_denoising
 from pyro_kpp.models import build_model
+from pyro_kpp.reading.iterative import MAX_READ_STEPS, iterative_read
+from pyro_kpp.train import footprint
+from pyro_kpp.viz.grids import png_path
 
 from helpers import make_mnist, tiny_cli_args, tiny_config
 

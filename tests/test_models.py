@@ -9,8 +9,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_kpp.inference.bound import PARTICLE_DIM, make_elbo, training_loss
 from pyro_kpp.data.episodes import Episodes
+from pyro_kpp.inference.bound import PARTICLE_DIM, make_elbo, training_loss
 from pyro_kpp.models import MODELS, build_model
 
 from helpers import site_plates, site_shapes, tiny_config

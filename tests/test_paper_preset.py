@@ -9,12 +9,12 @@ from torch import nn
 
 from helpers import tiny_cli_args, tiny_config
 from pyro_kpp import svi
-from pyro_kpp.train.checkpoint import load_checkpoint
 from pyro_kpp.config import Config
-from pyro_kpp.nets.conv import ConvEncoder, GaussianHead
-from pyro_kpp.train.optim import LARS, one_cycle_cosine, param_groups_for_weight_decay
-from pyro_kpp.nets.paper import EvoNormS0, TemporalShift, TSMResNet18Encoder, temporal_shift
 from pyro_kpp.models import build_model
+from pyro_kpp.nets.conv import ConvEncoder, GaussianHead
+from pyro_kpp.nets.paper import EvoNormS0, TemporalShift, TSMResNet18Encoder, temporal_shift
+from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.train.optim import LARS, one_cycle_cosine, param_groups_for_weight_decay
 
 
 def test_shift_moves_an_eighth_of_the_channels_each_way_with_zero_fill():

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from pyro_kpp import plot
-
 from pyro_kpp import svi
 
 from helpers import tiny_config

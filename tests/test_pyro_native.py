@@ -10,8 +10,8 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from pyro_kpp.models.kpp import gaussian_blur
 from pyro_kpp.models import build_model
+from pyro_kpp.models.kpp import gaussian_blur
 
 from helpers import tiny_config
 

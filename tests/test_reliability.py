@@ -14,9 +14,8 @@ import pyro
 import pytest
 import torch
 
-from pyro_kpp.inference import bound
-
 from pyro_kpp import svi
+from pyro_kpp.inference import bound
 from pyro_kpp.inference.bound import image_bounds, make_elbo, training_loss
 from pyro_kpp.models import MODELS, build_model
 from pyro_kpp.train.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint

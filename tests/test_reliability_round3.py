@@ -25,11 +25,11 @@ import pyro_kpp
 import pyro_kpp.viz.curves
 from pyro_kpp import data as D
 from pyro_kpp import evaluate as evaluate_cli
-from pyro_kpp.train import interrupts
-from pyro_kpp.train import rundir
 from pyro_kpp import svi
-from pyro_kpp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_kpp.train import interrupts
 from pyro_kpp.train import loop, session
+from pyro_kpp.train import rundir
+from pyro_kpp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from helpers import tiny_cli_args
 

@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-from pyro_kpp.train import checkpoint as checkpoint_module
-from pyro_kpp.inference import bound
-from pyro_kpp.train import rundir
 from pyro_kpp import svi
-from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from pyro_kpp.config import Config
+from pyro_kpp.inference import bound
+from pyro_kpp.train import checkpoint as checkpoint_module
+from pyro_kpp.train import rundir
+from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 from helpers import make_mnist, tiny_cli_args
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_kpp.train import speed
-
 from pyro_kpp import svi
-from pyro_kpp.inference.bound import evaluate, make_elbo, training_loss
 from pyro_kpp.config import Config
+from pyro_kpp.inference.bound import evaluate, make_elbo, training_loss
 from pyro_kpp.models import build_model
 from pyro_kpp.train import epoch
+from pyro_kpp.train import speed
 
 from helpers import tiny_cli_args, tiny_config
 

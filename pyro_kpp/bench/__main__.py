@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pyro_kpp.data import load_dataset
-from pyro_kpp.train.device import resolve_device
-
 from pyro_kpp.bench import measure
 from pyro_kpp.bench.report import QUICK_NOTE, format_table, table_rows, write_plots
 from pyro_kpp.bench.sections import DEFAULT_SECTIONS, SECTIONS, Context, jobs, profiled_steps, targets
 from pyro_kpp.bench.sizes import Sizes
+from pyro_kpp.data import load_dataset
+from pyro_kpp.train.device import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,13 +17,12 @@ from typing import Callable
 import pyro
 import torch
 
-from pyro_kpp.inference.bound import evaluate
-from pyro_kpp.data.episodes import make_episodes, test_batches
-from pyro_kpp.svi import train
-
 from pyro_kpp.bench import measure
 from pyro_kpp.bench.reference import kpp_reference_loss
 from pyro_kpp.bench.sizes import MODEL_NAMES, Bench, Sizes
+from pyro_kpp.data.episodes import make_episodes, test_batches
+from pyro_kpp.inference.bound import evaluate
+from pyro_kpp.svi import train
 
 PRESET_NAMES = ("paper", "recipe", "cpu")
 

@@ -26,13 +26,13 @@ import pyro
 import torch
 from torch import nn
 
-from pyro_kpp.train import speed
-from pyro_kpp.inference.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.config import Config
 from pyro_kpp.data import ImageData
 from pyro_kpp.data.episodes import Episodes
-from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.inference.bound import log_weights, make_elbo, training_loss
 from pyro_kpp.models import MODELS, build_model
+from pyro_kpp.models.base import EpisodicModel
+from pyro_kpp.train import speed
 
 MODEL_NAMES = tuple(MODELS)                         # kpp, km, dkm, vae
 #: The speed options off (pyro_kpp.train.speed): what the benchmark's figures are relative to.

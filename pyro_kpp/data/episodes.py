@@ -20,10 +20,10 @@ import torch
 
 from pyro_kpp.config import Config
 from pyro_kpp.data.base import DataError, ImageData
+from pyro_kpp.data.classes import check_classes, class_episode_index, class_split, max_class_episodes
 from pyro_kpp.data.sets import DATASETS, TEST_SEED, load_dataset
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
 from pyro_kpp.train.device import resolve_device
-from pyro_kpp.data.classes import check_classes, class_episode_index, class_split, max_class_episodes
 
 if TYPE_CHECKING:                                           # for the annotation only: no import at run time
     from pyro_kpp.models.base import EpisodicModel

@@ -34,8 +34,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.inference.handlers import foreign_memory, leave_one_out, reuse_embedding
+from pyro_kpp.models.base import EpisodicModel
 
 PARTICLE_DIM = -3  # left of the episodes (-2) and images (-1) plates
 

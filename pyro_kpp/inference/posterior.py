@@ -30,9 +30,9 @@ from pyro.distributions.kl import kl_divergence
 from pyro.poutine.util import site_is_subsample
 
 from pyro_kpp.inference.bound import particle_traces
-from pyro_kpp.models.base import EpisodicModel
-from pyro_kpp.maths.spatial import key_to_theta
 from pyro_kpp.inference.handlers import reuse_embedding
+from pyro_kpp.maths.spatial import key_to_theta
+from pyro_kpp.models.base import EpisodicModel
 
 
 @dataclass

@@ -27,15 +27,15 @@ from pyro_kpp.data import load_dataset
 from pyro_kpp.data.episodes import Episodes, make_episodes, test_batches
 from pyro_kpp.inference.bound import TrainingLoss, make_elbo
 from pyro_kpp.models import build_model
-from pyro_kpp.viz.curves import save_curves_or_warn
 from pyro_kpp.train import distributed, rundir, speed
 from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, ensure_writable, save_checkpoint
-from pyro_kpp.train.footprint import check_training_fits
 from pyro_kpp.train.epoch import eval_split, evaluate_epoch, report, weights
+from pyro_kpp.train.footprint import check_training_fits
 from pyro_kpp.train.interrupts import StopRequests
 from pyro_kpp.train.optim import build_optimizer
 from pyro_kpp.train.resume import resolve_run_data_dir, resume_command
 from pyro_kpp.train.step import TrainState, check_finite_weights, nonfinite_stop
+from pyro_kpp.viz.curves import save_curves_or_warn
 
 
 class Interrupted(Exception):

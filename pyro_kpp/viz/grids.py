@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from pyro import poutine
 
-from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.inference.handlers import reuse_embedding
+from pyro_kpp.models.base import EpisodicModel
 
 
 def png_path(out: str | os.PathLike) -> Path:

@@ -17,30 +17,13 @@ import os
 
 import torch
 
-from pyro_kpp.config import Config
-from pyro_kpp.models import build_model
 from pyro_kpp.models.base import EpisodicModel, Memory, check_generator, count, require_memory
 from pyro_kpp.reading.iterative import IterativeReading, iterative_read as read_steps
-from pyro_kpp.train.checkpoint import load_checkpoint, nonfinite_entries
+from pyro_kpp.train.checkpoint import load_checkpoint, model_from_state
 from pyro_kpp.train.device import resolve_device
 
 #: Images decoded per ``generate`` call in ``sample``: bounds its working memory whatever ``n`` is.
 SAMPLE_CHUNK = 256
-
-
-def model_from_state(state: dict, device: torch.device | str = "cpu") -> EpisodicModel:
-    """Rebuild a model from a checkpoint dict (config + weights)."""
-    cfg = Config.from_dict(state["config"])
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint: its weights do not fit a {cfg.model!r} model with this config: {exc}") from None
-    bad = nonfinite_entries(state["model"])
-    if bad:
-        raise ValueError(f"checkpoint: {len(bad)} weight tensors hold NaN or Inf values (e.g. {bad[0]}); "
-                         f"the run diverged before this checkpoint was saved")
-    return model.to(device)
 
 
 def load(run_dir: str | os.PathLike, device: str = "cpu") -> EpisodicModel:

@@ -32,10 +32,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from pyro_kpp import data as data_lib
 from pyro_kpp.cliargs import check_options, finite_float, positive_int
+from pyro_kpp.data.episodes import Episodes, test_batches
 from pyro_kpp.data.noise import NOISES, binarize_pair, corrupt, get_noise
 from pyro_kpp.models.base import EpisodicModel
 from pyro_kpp.reading.iterative import FEEDBACKS, MAX_READ_STEPS, IterativeReading, check_steps, iterative_read
+from pyro_kpp.train.checkpoint import load_checkpoint, model_from_state
+from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
 
 WRITE_FROM = ("noisy", "clean")
 
@@ -161,12 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pyro_kpp import data as data_lib
-    from pyro_kpp.api import model_from_state
-    from pyro_kpp.train.checkpoint import load_checkpoint
-    from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
-    from pyro_kpp.data.episodes import Episodes, test_batches
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

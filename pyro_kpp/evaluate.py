@@ -32,7 +32,6 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_kpp import data as data_lib
-from pyro_kpp.api import model_from_state
 from pyro_kpp.cliargs import positive_int
 from pyro_kpp.config import Config
 from pyro_kpp.data.episodes import make_episodes, test_batches
@@ -42,7 +41,7 @@ from pyro_kpp.inference.posterior import pareto_k
 from pyro_kpp.maths.likelihoods import LIKELIHOODS, bits_per_dim
 from pyro_kpp.models.base import count
 from pyro_kpp.train import speed
-from pyro_kpp.train.checkpoint import load_checkpoint
+from pyro_kpp.train.checkpoint import load_checkpoint, model_from_state
 from pyro_kpp.train.device import resolve_device
 
 

@@ -35,6 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyro_kpp.config import Config
+from pyro_kpp.models import build_model
+from pyro_kpp.models.base import EpisodicModel
+
 FORMAT = "pyro_kpp.checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -260,3 +264,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_state(state: dict, device: torch.device | str = "cpu") -> EpisodicModel:
+    """Rebuild a model from a checkpoint dict (config + weights)."""
+    cfg = Config.from_dict(state["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint: its weights do not fit a {cfg.model!r} model with this config: {exc}") from None
+    bad = nonfinite_entries(state["model"])
+    if bad:
+        raise ValueError(f"checkpoint: {len(bad)} weight tensors hold NaN or Inf values (e.g. {bad[0]}); "
+                         f"the run diverged before this checkpoint was saved")
+    return model.to(device)

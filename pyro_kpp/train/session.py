@@ -21,14 +21,13 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_kpp.api import model_from_state
 from pyro_kpp.config import Config
 from pyro_kpp.data import load_dataset
 from pyro_kpp.data.episodes import Episodes, make_episodes, test_batches
 from pyro_kpp.inference.bound import TrainingLoss, make_elbo
 from pyro_kpp.models import build_model
 from pyro_kpp.train import distributed, rundir, speed
-from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, ensure_writable, save_checkpoint
+from pyro_kpp.train.checkpoint import CHECKPOINT_NAME, ensure_writable, model_from_state, save_checkpoint
 from pyro_kpp.train.epoch import eval_split, evaluate_epoch, report, weights
 from pyro_kpp.train.footprint import check_training_fits
 from pyro_kpp.train.interrupts import StopRequests

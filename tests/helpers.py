@@ -5,6 +5,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pyro.poutine.util import site_is_subsample
 
 from pyro_kpp.config import Config
@@ -61,3 +62,15 @@ def make_mnist(root: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) ->
         write_idx(raw / f"{prefix}-images-idx3-ubyte", arrays[f"{prefix}-images"])
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", arrays[f"{prefix}-labels"])
     return arrays
+
+
+def exit_line(capsys, call, *argv) -> str:
+    """``call(argv)`` exits with status 2 and one error line, no traceback; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1, err
+    return errors[0]

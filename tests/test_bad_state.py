@@ -21,21 +21,10 @@ from pyro_kpp.reading.iterative import iterative_read
 from pyro_kpp.train import session
 from pyro_kpp.train.checkpoint import load_checkpoint, save_checkpoint
 
-from helpers import tiny_cli_args, tiny_config
+from helpers import exit_line, tiny_cli_args, tiny_config
 
 FLOATS = [torch.float64, torch.float16, torch.bfloat16]
 
-
-def _exit_line(capsys, call, *argv) -> str:
-    """``call(argv)`` exits with status 2 and one error line, no traceback; returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +44,13 @@ def models():
 ])
 def test_nonfinite_hyperparameters_are_refused_at_parse_time(argv, message, tmp_path, capsys):
     run = tmp_path / "r"
-    assert message in _exit_line(capsys, svi.main, *argv, "--run-dir", str(run))
+    assert message in exit_line(capsys, svi.main, *argv, "--run-dir", str(run))
     assert not run.exists()
 
 
 def test_nonfinite_noise_levels_are_refused(tiny_run, capsys):
-    assert "argument --level" in _exit_line(capsys, denoise_main, str(tiny_run), "--noise", "speckle", "--level", "inf")
-    assert "argument --std" in _exit_line(capsys, generation_main, str(tiny_run), "perturbed", "--out", "x.png",
+    assert "argument --level" in exit_line(capsys, denoise_main, str(tiny_run), "--noise", "speckle", "--level", "inf")
+    assert "argument --std" in exit_line(capsys, generation_main, str(tiny_run), "perturbed", "--out", "x.png",
                                           "--std", "nan")
     with pytest.raises(ValueError, match="peak: expected a positive, finite"):
         pyro_kpp.data.noise.corrupt(torch.zeros(1, 1, 4, 4), "poisson", float("inf"))
@@ -74,7 +63,7 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(tiny_run, tmp_path, caps
     save_checkpoint(tmp_path / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
     with pytest.raises(ValueError, match=f"NaN or Inf values .*{name}"):
         pyro_kpp.load(tmp_path)
-    assert "NaN or Inf" in _exit_line(capsys, evaluate_cli.main, str(tmp_path), "-S", "2")
+    assert "NaN or Inf" in exit_line(capsys, evaluate_cli.main, str(tmp_path), "-S", "2")
 
 
 def test_weights_that_turn_nonfinite_in_training_are_never_saved(tmp_path, monkeypatch, capsys):
@@ -95,7 +84,7 @@ def test_weights_that_turn_nonfinite_in_training_are_never_saved(tmp_path, monke
 
     monkeypatch.setattr(session, "build_optimizer", poisoned)
     run = tmp_path / "run"
-    line = _exit_line(capsys, svi.main, "--data", "omniglot", "--run-dir", str(run), "--no-progress",
+    line = exit_line(capsys, svi.main, "--data", "omniglot", "--run-dir", str(run), "--no-progress",
                       *tiny_cli_args(), "--max-steps", "1")
     assert "weights became non-finite by step 1" in line and "No checkpoint was written" in line
     assert not run.exists()
@@ -172,7 +161,7 @@ def test_sampling_many_images_runs_in_bounded_chunks(model, episode, monkeypatch
 @pytest.mark.parametrize("device", ["mps", "meta"])
 def test_svi_refuses_unsupported_devices_before_making_a_folder(device, tmp_path, capsys):
     run = tmp_path / "r"
-    assert "--device: expected 'auto', 'cpu', 'cuda'" in _exit_line(capsys, svi.main, "--device", device,
+    assert "--device: expected 'auto', 'cpu', 'cuda'" in exit_line(capsys, svi.main, "--device", device,
                                                                   "--run-dir", str(run))
     assert not run.exists()
 
@@ -180,19 +169,19 @@ def test_svi_refuses_unsupported_devices_before_making_a_folder(device, tmp_path
 def test_bench_refuses_a_file_as_out_and_unsupported_devices(tmp_path, capsys):
     target = tmp_path / "a-file"
     target.write_text("")
-    assert "--out:" in _exit_line(capsys, bench_main, "--quick", "--sections", "flops", "--out", str(target))
-    assert "device:" in _exit_line(capsys, bench_main, "--quick", "--device", "mps", "--out", str(tmp_path / "b"))
+    assert "--out:" in exit_line(capsys, bench_main, "--quick", "--sections", "flops", "--out", str(target))
+    assert "device:" in exit_line(capsys, bench_main, "--quick", "--device", "mps", "--out", str(tmp_path / "b"))
 
 
 def test_denoise_show_zero_is_a_clear_error(tiny_run, capsys):
-    line = _exit_line(capsys, denoise_main, str(tiny_run), "--noise", "speckle", "--show", "0")
+    line = exit_line(capsys, denoise_main, str(tiny_run), "--noise", "speckle", "--show", "0")
     assert "argument --show: expected a positive integer" in line
 
 
 def test_evaluate_a_checkpoint_without_config(tiny_run, tmp_path, capsys):
     state = load_checkpoint(tiny_run)
     save_checkpoint(tmp_path / "checkpoint.pt", {"model": state["model"], "step": state["step"]})
-    assert "lacks ['config']" in _exit_line(capsys, evaluate_cli.main, str(tmp_path))
+    assert "lacks ['config']" in exit_line(capsys, evaluate_cli.main, str(tmp_path))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -200,7 +189,7 @@ def test_evaluate_a_checkpoint_without_config(tiny_run, tmp_path, capsys):
     (["random", "-T", "0"], "argument -T/--episode-length: expected a positive integer"),
 ])
 def test_generation_episode_length_errors(tiny_run, tmp_path, capsys, argv, message):
-    line = _exit_line(capsys, generation_main, str(tiny_run), *argv, "--out", str(tmp_path / "f.png"))
+    line = exit_line(capsys, generation_main, str(tiny_run), *argv, "--out", str(tmp_path / "f.png"))
     assert message in line
 
 

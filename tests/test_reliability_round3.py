@@ -31,19 +31,8 @@ from pyro_kpp.train import loop, session
 from pyro_kpp.train import rundir
 from pyro_kpp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-from helpers import tiny_cli_args
+from helpers import exit_line, tiny_cli_args
 
-
-def _exit_line(capsys, call, *argv) -> str:
-    """``call(argv)`` exits with status 2 and one error line, no traceback; returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture
@@ -117,7 +106,7 @@ def test_resume_reads_the_checkpoint_only_while_holding_the_lock(run, monkeypatc
         raise ValueError("probe: stop here")
 
     monkeypatch.setattr(svi, "load_checkpoint", probe)
-    assert "probe: stop here" in _exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9")
+    assert "probe: stop here" in exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9")
     assert seen == {"locked": True}
 
 
@@ -141,8 +130,8 @@ def test_a_checkpoint_with_flipped_bytes_is_refused_everywhere(run, capsys):
         load_checkpoint(run)
     with pytest.raises(CheckpointError, match="CRC"):
         pyro_kpp.load(run)
-    assert "CRC" in _exit_line(capsys, evaluate_cli.main, str(run), "-S", "2")
-    line = _exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
+    assert "CRC" in exit_line(capsys, evaluate_cli.main, str(run), "-S", "2")
+    line = exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
     assert "CRC" in line and str(run / "checkpoint.pt") in line
 
 
@@ -161,14 +150,14 @@ def test_bad_counters_and_config_name_the_file_and_field(run, capsys, changes, m
     _rewrite(run, **changes)
     with pytest.raises(CheckpointError, match=f"{run / 'checkpoint.pt'}: .*{message}"):
         load_checkpoint(run)
-    assert message in _exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
+    assert message in exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
 
 
 def test_a_config_field_of_the_wrong_type_is_named(run, capsys):
     _rewrite(run, config={**load_checkpoint(run)["config"], "lr": "0.001"})
     with pytest.raises(CheckpointError, match="\"config\": lr: expected a number, got '0.001'"):
         load_checkpoint(run)
-    assert "lr: expected a number" in _exit_line(capsys, evaluate_cli.main, str(run), "-S", "2")
+    assert "lr: expected a number" in exit_line(capsys, evaluate_cli.main, str(run), "-S", "2")
 
 
 # -- 5. --overwrite deletes only a run's own files ------------------------------------------------
@@ -178,7 +167,7 @@ def test_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, capsys):
     (folder / "images").mkdir(parents=True)
     (folder / "images" / "holiday.jpg").write_bytes(b"\xff\xd8 a photo")
     (folder / "metrics.jsonl").write_text("")
-    line = _exit_line(capsys, svi.main, "--run-dir", str(folder), "--overwrite", "--max-steps", "1")
+    line = exit_line(capsys, svi.main, "--run-dir", str(folder), "--overwrite", "--max-steps", "1")
     assert "images/holiday.jpg" in line and "nothing was deleted" in line
     assert (folder / "images" / "holiday.jpg").exists() and (folder / "metrics.jsonl").exists()
 
@@ -234,7 +223,7 @@ def test_a_replaced_omniglot_png_is_decoded_again(tmp_path, monkeypatch):
 def test_a_metrics_record_lacking_fields_is_named_on_resume(run, capsys):
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 2}) + "\n")
-    line = _exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
+    line = exit_line(capsys, svi.main, "--resume", str(run), "--max-steps", "9", "--no-progress")
     assert 'metrics.jsonl: line 2 has no integer "epoch"' in line
 
 
@@ -271,7 +260,7 @@ def test_a_folder_killed_before_its_first_checkpoint_is_not_offered_for_resume(t
     (folder / "images").mkdir(parents=True)
     (folder / "config.json").write_text("{}")                     # what a kill -9 in epoch 0 leaves
     (folder / "images" / "samples_0000.png").write_bytes(b"png")
-    line = _exit_line(capsys, svi.main, "--run-dir", str(folder), "--max-steps", "1")
+    line = exit_line(capsys, svi.main, "--run-dir", str(folder), "--max-steps", "1")
     assert "--resume" not in line and "never saved a checkpoint" in line and "--overwrite" in line
 
 
@@ -280,7 +269,7 @@ def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
-    line = _exit_line(capsys, svi.main, "--data", "omniglot", "--run-dir", str(tmp_path / "run"), "--no-progress",
+    line = exit_line(capsys, svi.main, "--data", "omniglot", "--run-dir", str(tmp_path / "run"), "--no-progress",
                       *tiny_cli_args(), "--max-steps", "1")
     assert "No space left" in line and "intact" not in line and "no checkpoint of this run" in line
 

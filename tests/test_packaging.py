@@ -17,6 +17,20 @@ def test_every_subpackage_is_in_the_package_list():
     assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
 
 
+
+def test_every_console_script_is_a_cli_main():
+    """Each [project.scripts] entry names a CLI module's ``main`` (what ``python -m`` runs), and
+    every CLI the README names has one."""
+    import importlib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {target.split(":")[0] for target in scripts.values()}
+    assert modules == {f"pyro_kpp.{name}" for name in ("svi", "evaluate", "denoise", "generation", "plot")} | {
+        "pyro_kpp.bench.__main__"}
+    for name, target in scripts.items():
+        module, attr = target.split(":")
+        assert attr == "main" and callable(getattr(importlib.import_module(module), attr)), name
+
 @pytest.mark.slow
 def test_the_built_wheel_holds_every_module(tmp_path):
     """Build the wheel from a copy of the tracked files (symlinks kept) and list it: every module of

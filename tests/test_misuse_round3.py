@@ -254,3 +254,10 @@ def test_the_estimate_extrapolated_from_two_episodes_matches_a_dry_run_of_the_ba
 
 def test_the_default_config_fits_a_laptop():
     assert footprint.training_bytes(Config()) < 4 * 2**30
+
+
+@pytest.mark.parametrize("argument", ["T", "B", "classes"])
+def test_episodes_names_its_own_arguments(argument):
+    """``pyro_kpp.episodes(T=0)`` names T, not the Config field it sets (episode_length)."""
+    with pytest.raises(ValueError, match=rf"^{argument}: expected a positive integer"):
+        next(iter(pyro_kpp.episodes("omniglot", **{argument: 0})))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 from typing import TYPE_CHECKING, Iterator
@@ -375,11 +376,19 @@ def load_episodes(data: str | None = None, split: str = "test", T: int | None = 
     fields = {k: v for k, v in chosen.items() if v is not None}
     if data is not None and data != base.data:               # another data set: its own default likelihood
         fields["likelihood"] = likelihood
-    cfg = dataclasses.replace(base, **fields)
+    try:
+        cfg = dataclasses.replace(base, **fields)
+    except (TypeError, ValueError) as exc:                   # name this function's arguments, not Config's
+        raise type(exc)(_ARGUMENT_NAMES.sub(lambda m: _ARGUMENTS[m.group(1)] + ":", str(exc))) from None
     episodes = make_episodes(cfg, load_dataset(cfg.data, cfg.data_dir), device)
     if split == "train":
         return episodes.train_epoch(0)
     return episodes.valid_episodes() if split == "valid" else episodes.test_episodes()
+
+
+#: Config fields -> the ``load_episodes`` arguments that set them, for its error messages.
+_ARGUMENTS = {"episode_length": "T", "batch_size": "B", "episode_classes": "classes"}
+_ARGUMENT_NAMES = re.compile(r"^(" + "|".join(_ARGUMENTS) + r"):")
 
 
 def _run_config(run) -> Config:

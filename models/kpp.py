@@ -31,6 +31,16 @@ where every part of the default is measured against the literal write):
   a cell holds something only where an image of this episode wrote, so the memory can hold no
   fixed "semantic" table for the keys to index (the keys cannot become a per-image code into it).
 
+* ``"solved"`` (a departure for issue 20, K++ on KM's footing): each image stores its *code*,
+  the block b_t = A mu_z(X)_t (A: L -> K C r r, injective, learned; mu_z the mean of q(z|X)), and
+  the memory is the ridge least-squares solution of "reading every image's block at its mean
+  keys returns it": M = argmin sum_t ||R_t M - b_t||^2 + lambda ||M||^2, with R_t the read of
+  image t (blur, window, average-pool to r x r). ``SOLVE_ITERATIONS`` conjugate-gradient steps
+  (``pyro_kpp.maths.solve``) solve it. The prior's mean then adds B R_y M to the conv head's,
+  B initialised to A's pseudo-inverse and the head's mean to 0, so that at the mean keys the
+  prior returns mu_z from the first step, as KM's read returns the stored code. M stays a
+  deterministic function of the episode (eq. 5).
+
 ``Config.kpp_block_res`` = r > 0 makes g write each block at r x r, bilinearly upsampled to the
 window: a smooth block reads back nearly the same under a small shift of the key, so the key
 posterior need not be sharp (and costly) to read it.
@@ -50,9 +60,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pyro_kpp.config import Config
 from pyro_kpp.guides.kpp import KppGuide
+from pyro_kpp.maths.solve import conjugate_gradient
 from pyro_kpp.maths.spatial import KEY_DIM, SpatialTransformerRead
 from pyro_kpp.models.base import EpisodicModel, Memory, episode_cached, episode_memory, pyro_program
 from pyro_kpp.nets.build import dense_spectral_norm
@@ -73,6 +85,12 @@ def gaussian_blur(memory: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(memory, cols, padding=(0, radius), groups=C)
 
 
+#: The solved write (``kpp_write="solved"``): conjugate-gradient steps, and the ridge lambda that
+#: keeps cells no image reads at 0 and the system positive definite.
+SOLVE_ITERATIONS = 8
+SOLVE_RIDGE = 1e-3
+
+
 class KanervaPlusPlus(EpisodicModel):
     """K++: deterministic block memory read through spatial-transformer windows."""
 
@@ -90,9 +108,16 @@ class KanervaPlusPlus(EpisodicModel):
         self.q = KppGuide(cfg.embed_size, cfg.reads, cfg.code_size, cfg.hidden,
                           spectral_norm=dense_spectral_norm(cfg),     # App. E (paper preset)
                           reads_memory=cfg.kpp_posterior == "read", key_std_floor=cfg.key_std_floor)
-        if cfg.kpp_write != "pooled":                                 # g: e_t -> K blocks of C x r x r
-            self.block_net = DenseNet(cfg.embed_size, cfg.reads * mem_c * self.block_res() ** 2, cfg.hidden, 1,
-                                      dense_spectral_norm(cfg))
+        block = cfg.reads * mem_c * self.block_res() ** 2
+        if cfg.kpp_write == "solved":                                 # A: z -> block, B: block -> z
+            self.code_map = nn.Linear(cfg.code_size, block, bias=False)
+            self.code_readout = nn.Linear(block, cfg.code_size, bias=False)
+            with torch.no_grad():
+                self.code_readout.weight.copy_(torch.linalg.pinv(self.code_map.weight))
+                self.prior_net.out.weight[:cfg.code_size].zero_()    # the head's mean starts at 0
+                self.prior_net.out.bias[:cfg.code_size].zero_()
+        elif cfg.kpp_write != "pooled":                               # g: e_t -> K blocks of C x r x r
+            self.block_net = DenseNet(cfg.embed_size, block, cfg.hidden, 1, dense_spectral_norm(cfg))
 
     def block_res(self) -> int:
         """r: the resolution g writes each block at, upsampled to the h x w window (``kpp_block_res``)."""
@@ -107,11 +132,46 @@ class KanervaPlusPlus(EpisodicModel):
             blocks = F.interpolate(blocks, size=(h, h), mode="bilinear", align_corners=False)
         return blocks.reshape(B, T, self.cfg.reads, C, h, h)
 
+    # -- the solved write: blocks read back exactly ------------------------------------------
+    def read_blocks(self, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """R_y M: memory (B, C, H, W), keys (..., B, T, K, 3) -> (..., B, T, K, C, r, r), the
+        (blurred) windows average-pooled to the block resolution."""
+        return self.pooled(self.reader(self.blurred(memory), keys))
+
+    def pooled(self, windows: torch.Tensor) -> torch.Tensor:
+        """Windows (..., C, h, w) average-pooled to the block resolution (..., C, r, r)."""
+        f = self.cfg.window // self.block_res()
+        return windows.unflatten(-1, (-1, f)).unflatten(-3, (-1, f)).mean((-3, -1))
+
+    def read_blocks_adjoint(self, blocks: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """R_y^T: blocks (B, T, K, C, r, r) at keys (B, T, K, 3) -> memory (B, C, H, W); the
+        pooling's adjoint spreads each cell over its f x f pixels / f^2, the blur is its own."""
+        f = self.cfg.window // self.block_res()
+        windows = blocks.repeat_interleave(f, -1).repeat_interleave(f, -2) / f ** 2   # (B, T, K, C, h, w)
+        return self.blurred(self.reader.adjoint(windows, keys, tuple(self.cfg.memory_shape[1:])))
+
+    def solved_write(self, E: torch.Tensor) -> torch.Tensor:
+        """M (B, C, H, W) whose reads at the posterior-mean keys return the blocks A mu_z(X)."""
+        B, T = E.shape[:2]
+        C, r = self.cfg.memory_shape[0], self.block_res()
+        keys = self.q.key_posterior(E)[0]                                     # (B, T, K, 3)
+        target = self.code_map(self.q.code_head(E)[0]).reshape(B, T, self.cfg.reads, C, r, r)
+
+        def normal(M: torch.Tensor) -> torch.Tensor:                          # (R^T R + lambda I) M
+            return self.read_blocks_adjoint(self.read_blocks(M, keys), keys) + SOLVE_RIDGE * M
+        return conjugate_gradient(normal, self.read_blocks_adjoint(target, keys), SOLVE_ITERATIONS)
+
+    def blurred(self, memory: torch.Tensor) -> torch.Tensor:
+        """The memory as the prior reads it (``memory_blur``)."""
+        return gaussian_blur(memory, self.cfg.memory_blur) if self.cfg.memory_blur > 0 else memory
+
     # -- pieces named after the paper's equations ------------------------------------------
     def write_memory(self, E: torch.Tensor) -> torch.Tensor:
         """M = f_mem(mean_t e_t) [+ the addressed write]: (B, T, D) -> (B, C, H, W)  (§3.3, eq. 5)."""
         if self.cfg.kpp_write == "pooled":
             return self.writer(E.mean(dim=1))                    # (B, C, H, W)
+        if self.cfg.kpp_write == "solved":
+            return self.solved_write(E)
         H, W = self.cfg.memory_shape[1:]
         keys = self.q.key_posterior(E)[0]                        # (B, T, K, 3), the posterior means
         blocks = self.blocks(E)                                  # (B, T, K, C, h, w)
@@ -128,11 +188,12 @@ class KanervaPlusPlus(EpisodicModel):
 
     def code_prior(self, memory: torch.Tensor, keys: torch.Tensor):
         """p(z | M, y): loc, scale (..., B, T, L) from keys (..., B, T, K, 3)  (eq. 4, App. E)."""
-        if self.cfg.memory_blur > 0:                             # reads that tolerate small key shifts
-            memory = gaussian_blur(memory, self.cfg.memory_blur)
-        windows = self.reader(memory, keys)                      # (..., B, T, K, C, h, w)
-        stacked = windows.flatten(-4, -3)                        # (..., B, T, K*C, h, w)
-        return over_leading(self.prior_net, stacked, 3)          # 2 x (..., B, T, L)
+        windows = self.reader(self.blurred(memory), keys)        # (..., B, T, K, C, h, w); blur: reads that
+        stacked = windows.flatten(-4, -3)                        # tolerate small key shifts; (..., B, T, K*C, h, w)
+        loc, scale = over_leading(self.prior_net, stacked, 3)    # 2 x (..., B, T, L)
+        if self.cfg.kpp_write == "solved":                       # + B R_y M: the stored code read back
+            loc = loc + self.code_readout(self.pooled(windows).flatten(-4))
+        return loc, scale
 
     def key_shape(self) -> tuple[int, ...]:
         return (self.cfg.reads, KEY_DIM)

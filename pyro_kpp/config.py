@@ -55,7 +55,7 @@ MAX_DKM_WRITE_ITERATIONS = 10
 MAX_LR = 1.0
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
-KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks")
+KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks", "solved")
 #: Network presets (``pyro_kpp.nets.conv.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
 #: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
@@ -128,7 +128,8 @@ class Config:
     # --kpp-write pooled --key-map tanh --kpp-block-res 0 --key-kl-start 1 --key-kl-hold 0 --memory-blur 0.
     kpp_write: str = opt("blocks", "K++ write: pooled = f_mem(mean e) (§3.3, literal); addressed = also each image's "
                          "block where its mean keys read; addressed-mean = the same, overlaps averaged; blocks = "
-                         "the addressed part alone", choices=KPP_WRITES)
+                         "the addressed part alone; solved = each image's code A mu_z, written so that the read at "
+                         "its mean keys returns it (a least-squares solve)", choices=KPP_WRITES)
     key_map: str = opt("uniform", "K++ keys -> windows: tanh = each component squashed by tanh; uniform = the key "
                        "prior spread uniformly over the memory at scales near window/memory", choices=KEY_MAPS)
     kpp_block_res: int = opt(4, "K++ addressed write: resolution of each written block, upsampled to the window "
@@ -285,6 +286,17 @@ class Config:
             raise ValueError(f"kpp_posterior: expected 'x' or 'read', got {self.kpp_posterior!r}")
         if self.kpp_write not in KPP_WRITES:
             raise ValueError(f"kpp_write: expected one of {KPP_WRITES}, got {self.kpp_write!r}")
+        if self.kpp_write == "solved":
+            block = self.reads * self.memory_shape[0] * (self.kpp_block_res or self.window) ** 2
+            if self.kpp_posterior != "x":
+                raise ValueError("kpp_posterior: the solved write stores the mean of q(z|X), so it needs "
+                                 f"--kpp-posterior x, got {self.kpp_posterior!r}")
+            if block < self.code_size:
+                raise ValueError(f"kpp_block_res: the solved write stores a code of {self.code_size} numbers in "
+                                 f"reads x channels x res^2 = {block}; choose a larger --kpp-block-res")
+            if self.window % (self.kpp_block_res or self.window):
+                raise ValueError(f"kpp_block_res: expected a divisor of the window ({self.window}), "
+                                 f"got {self.kpp_block_res}")
         for name in ("key_kl_hold", "key_kl_ramp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

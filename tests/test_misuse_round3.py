@@ -109,7 +109,7 @@ def test_build_model_and_episodes_name_their_arguments():
     with pytest.raises(TypeError, match="cfg: expected a pyro_kpp.Config, got dict"):
         pyro_kpp.build_model({"model": "kpp"})
     with pytest.raises(ValueError, match="data: expected one of omniglot"):
-        pyro_kpp.episodes(None)
+        pyro_kpp.episodes("omniglott")
 
 
 def test_load_none_names_the_argument():

@@ -370,4 +370,12 @@ class EpisodicModel(PyroModule):
         raise NotImplementedError
 
     def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """The guide's posterior-mean keys of x (B, T, C, H, W): (B, T, *key_shape). A given
+        ``memory`` must be one this model wrote, whether or not its addressing reads it."""
+        if memory is not None:
+            self.check_memory(memory)
+        return self.posterior_keys(x, memory)
+
+    def posterior_keys(self, x: torch.Tensor, memory: Memory | None) -> torch.Tensor:
+        """``infer_keys`` for a checked memory (or None): each model's key posterior."""
         raise NotImplementedError

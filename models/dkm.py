@@ -158,13 +158,11 @@ class DynamicKanervaMachine(EpisodicModel):
         """(R, U) of q(M | X) written from x."""
         return self.codes_and_memory(x)[1:]
 
-    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+    def posterior_keys(self, x: torch.Tensor, memory: Memory | None) -> torch.Tensor:
         """Posterior-mean addresses w* of q(w | x, M): (B, T, K), solved against ``memory`` when
         given (iterative reading: DKM's attractor dynamics), else against the memory written
         from x itself, as in training."""
         codes = self.q.codes(self.embed(x))                                   # (B, T, L)
-        if memory is not None:
-            self.check_memory(memory)
         R = memory.value[0] if memory is not None else self.write_memory(codes)[0]
         return ridge_weights(R, codes, RIDGE)
 

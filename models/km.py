@@ -22,10 +22,11 @@ term of its own. In the programs the written memory is the pair of episode-level
 "memory" (R) and "memory_row_cov" (U), each a ``WrittenMemory``: a point mass at the write with
 density 1, so they add nothing to the bound. The guide writes and samples them; the model
 states the same sites, so Pyro's replay hands the model the guide's write (with no context;
-run on its own, the model writes itself). Inside ``reuse_embedding`` (``pyro_kpp.inference.handlers``; every ELBO and bound
-evaluation of the package) the write is also computed once per episode batch and cached, which
-makes all importance particles of an evaluation read one written memory, as ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure
-is the episode's bound divided by T, once, in ``pyro_kpp.inference.bound``.
+run on its own, the model writes itself). Inside ``reuse_embedding`` (``pyro_kpp.inference.handlers``;
+every ELBO and bound evaluation of the package) the write is also computed once per episode batch
+and cached, which makes all importance particles of an evaluation read one written memory, as
+ln p(x_t | M) requires. Nothing is divided by T here; the per-image figure is the episode's bound
+divided by T, once, in ``pyro_kpp.inference.bound``.
 
 Memory access, ``km_read_write`` (§3.4, Appendix F):
 
@@ -217,10 +218,8 @@ class KanervaMachine(EpisodicModel):
         """(R, U) written from x: one draw of q(M | X) (eq. 8)."""
         return self.write_memory(self.embed(x))
 
-    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+    def posterior_keys(self, x: torch.Tensor, memory: Memory | None) -> torch.Tensor:
         """Posterior-mean addresses of q(y | x): (B, T, S); q(y | x) does not read the memory."""
-        if memory is not None:                     # not read, but it must be this model's
-            self.check_memory(memory)
         return self.q.address_posterior(self.embed(x))[0]
 
     def read(self, memory: Memory, x: torch.Tensor, keys: torch.Tensor, sample_z: bool = False,

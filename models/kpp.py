@@ -225,11 +225,9 @@ class KanervaPlusPlus(EpisodicModel):
         """The memory (B, C, H, W) written from x (``write_memory``)."""
         return self.write_memory(self.embed(x))
 
-    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+    def posterior_keys(self, x: torch.Tensor, memory: Memory | None) -> torch.Tensor:
         """Posterior-mean keys of q(y | X): (B, T, K, 3)  (used by reconstruction, eq. 7); q(y | X)
         does not read the memory, so ``memory`` changes nothing."""
-        if memory is not None:                     # not read, but it must be this model's
-            self.check_memory(memory)
         return self.q.key_posterior(self.embed(x))[0]
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:

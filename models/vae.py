@@ -64,10 +64,8 @@ class VAE(EpisodicModel):
         """A memory that carries nothing but the number of episodes: (B, 0)."""
         return x.new_zeros(x.shape[0], 0)
 
-    def infer_keys(self, x: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+    def posterior_keys(self, x: torch.Tensor, memory: Memory | None) -> torch.Tensor:
         """Mean of q(z | x): (B, T, L); there is no memory to read."""
-        if memory is not None:                     # not read, but it must be this model's
-            self.check_memory(memory)
         return self.q.code_head(self.embed(x))[0]
 
     def memory_shapes(self) -> tuple[tuple[int, ...], ...]:

@@ -56,7 +56,7 @@ MAX_LR = 1.0
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks", "solved")
-#: Network presets (``pyro_kpp.nets.conv.build_encoder``): "cpu" = small conv stacks; "paper" = K++
+#: Network presets (``pyro_kpp.nets.build.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
 #: a one-cycle cosine schedule and weight decay). Sizes a preset sets when they are not given:
 PRESET_DEFAULTS = {
@@ -244,6 +244,8 @@ class Config:
             raise ValueError(f"max_minutes: expected a positive number of minutes or None, got {self.max_minutes!r}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes: expected a positive integer or None, got {self.eval_episodes!r}")
+        if self.episode_classes is not None and self.episode_classes < 1:
+            raise ValueError(f"episode_classes: expected a positive integer or None, got {self.episode_classes!r}")
         if not (0 < self.lr <= MAX_LR):
             raise ValueError(f"lr: expected a positive learning rate of at most {MAX_LR:g} (Adam moves each weight "
                              f"by up to about lr per step), got {self.lr!r}")
@@ -303,10 +305,6 @@ class Config:
                 raise ValueError(f"{name}: expected a non-negative integer number of steps, got {value!r}")
         if not 0 <= self.key_free_nats < float("inf"):
             raise ValueError(f"key_free_nats: expected a non-negative finite number, got {self.key_free_nats!r}")
-        if self.episode_classes is not None and (isinstance(self.episode_classes, bool)
-                                                 or not isinstance(self.episode_classes, int)
-                                                 or self.episode_classes < 1):
-            raise ValueError(f"episode_classes: expected a positive integer or None, got {self.episode_classes!r}")
         if not isinstance(self.valid_images, int) or self.valid_images < 0:
             raise ValueError(f"valid_images: expected a non-negative integer, got {self.valid_images!r}")
         if not 0 < self.kl_weight <= 1:

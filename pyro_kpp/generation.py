@@ -12,10 +12,22 @@ from pyro_kpp import data as data_lib
 from pyro_kpp.api import load
 from pyro_kpp.cliargs import check_options, finite_float, positive_int
 from pyro_kpp.data.episodes import Episodes, class_episodes
-from pyro_kpp.models.base import EpisodicModel
-from pyro_kpp.reading.iterative import (FEEDBACKS, MAX_READ_STEPS, MAX_ROW, PERTURBATION_STD, check_row, check_steps,
+from pyro_kpp.models.base import EpisodicModel, count
+from pyro_kpp.reading.iterative import (FEEDBACKS, MAX_READ_STEPS, PERTURBATION_STD, check_steps,
                                         clean_up, interpolate, iterative_read, perturbed_keys)
 from pyro_kpp.viz.grids import png_path, rows_figure, save_figure
+
+
+#: Most images in a figure row (``figure_rows``' n): 64 images of 28 pixels are already 1,792 pixels wide.
+MAX_ROW = 64
+
+
+def check_row(n) -> int:
+    """A number of images per figure row, 1 .. ``MAX_ROW``."""
+    n = count("n", n)
+    if n > MAX_ROW:
+        raise ValueError(f"n: expected at most {MAX_ROW} images per row, got {n}")
+    return n
 
 
 MODES = ("random", "perturbed", "clean-up", "one-shot", "interpolate", "iterative-read")

@@ -30,7 +30,7 @@ PRESET_NAMES = ("paper", "recipe", "cpu")
 @dataclass
 class Context:
     sizes: Sizes
-    data: object                      # pyro_kpp.data.sets.ImageData (Omniglot)
+    data: object                      # pyro_kpp.data.ImageData (Omniglot)
     device: torch.device
     repeats: int
     budget: float                     # seconds of training per model in the quality section

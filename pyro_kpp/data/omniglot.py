@@ -74,7 +74,7 @@ def load_omniglot(name: str, root: pathlib.Path, offline: bool) -> ImageData:
 def omniglot_by_alphabet(data: ImageData) -> ImageData:
     """The same images re-split by alphabet (Lake et al., 2015): train = the 964 characters of
     ``images_background``, test = the 659 new characters of ``images_evaluation``, every drawing
-    of each (20 per character). Class-structured episodes use it (``pyro_kpp.class_episodes``):
+    of each (20 per character). Class-structured episodes use it (``pyro_kpp.data.classes``):
     a test character was never seen in training, so what a memory tells about a test image can
     only come from the other drawings its episode holds. Labels stay the global character ids."""
     if data.train_labels is None or data.test_labels is None:

@@ -3,7 +3,8 @@
 The CPU defaults (``Config.preset == "cpu"``) are small convolutional stacks (ELU
 activations). The paper's TSM-ResNet18 encoder and EvoNormS0 decoder (K++ Appendix E,
 ``pyro_kpp.nets.paper``) are far too slow for a 2-core CPU and come with ``preset="paper"``.
-Every model in this package builds its encoder and decoder with ``pyro_kpp.nets.build``, so comparisons between K++, KM, DKM and the VAE isolate the memory.
+Every model in this package builds its encoder and decoder with ``pyro_kpp.nets.build``, so
+comparisons between K++, KM, DKM and the VAE isolate the memory.
 """
 from __future__ import annotations
 

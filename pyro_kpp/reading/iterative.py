@@ -48,8 +48,6 @@ PERTURBATION_STD = 0.1  # K++ §4.1.1
 #: Most iterative-reading steps: every step's reconstruction is kept, (steps, B, T, C', H, W), for
 #: the scores and the figures (a row per step), and the papers read 10 (K++ Fig. 6, KM Fig. 4).
 MAX_READ_STEPS = 100
-#: Most images in a figure row (``figure_rows``' n): 64 images of 28 pixels are already 1,792 pixels wide.
-MAX_ROW = 64
 
 
 @dataclass
@@ -88,14 +86,6 @@ def check_steps(steps, minimum: int = 1) -> int:
         raise ValueError(f"steps: expected at most {MAX_READ_STEPS} (every step is kept; the papers read 10), "
                          f"got {steps}")
     return steps
-
-
-def check_row(n) -> int:
-    """A number of images per figure row, 1 .. ``MAX_ROW``."""
-    n = count("n", n)
-    if n > MAX_ROW:
-        raise ValueError(f"n: expected at most {MAX_ROW} images per row, got {n}")
-    return n
 
 
 def feed_back(model: EpisodicModel, params: torch.Tensor, feedback: str = "sample",

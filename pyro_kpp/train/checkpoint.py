@@ -239,8 +239,6 @@ def counter_problem(state: dict) -> str | None:
 
 def config_problem(config) -> str | None:
     """What is wrong with a checkpoint's config (its type, a field's type or value), or None."""
-    from pyro_kpp.config import Config          # here: the config's modules import nothing of ours back
-
     if not isinstance(config, dict):
         return f"\"config\" is a {type(config).__name__}, expected a dict of Config fields"
     try:

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_kpp.config import Config
 from pyro_kpp.inference.handlers import reuse_embedding
+from pyro_kpp.models import build_model
 
 #: Size options named in the refusal when they exceed their defaults (the ones that scale memory).
 SIZE_FIELDS = ("batch_size", "episode_length", "reads", "memory_shape", "window", "writer_channels", "slots",
@@ -71,7 +72,6 @@ def _forward_bytes(model, cfg: Config, batch: int) -> int:
 
 def training_bytes(cfg: Config) -> int:
     """Estimated bytes of one training step of ``cfg`` (``cfg.image_shape`` set), see the module docstring."""
-    from pyro_kpp.models import build_model
     with torch.device("meta"):
         model = build_model(cfg)
     params = sum(p.numel() * p.element_size() for p in model.parameters())

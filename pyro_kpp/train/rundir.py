@@ -42,7 +42,7 @@ LOCK_NAME = ".lock"
 #: Temporary files of our own naming: checkpoint.save_checkpoint's, ensure_writable's probe and
 #: repair_metrics's rewrite. Only ever removed while holding the lock, so never another writer's.
 STALE_PATTERNS = (f".{CHECKPOINT_NAME}.*.tmp", ".write-test-*", "*.jsonl.tmp", ".curves.png.*.tmp")
-#: Fields of every record of ``metrics.jsonl`` (``pyro_kpp.svi.evaluate_epoch``) that resuming and
+#: Fields of every record of ``metrics.jsonl`` (``pyro_kpp.train.epoch.evaluate_epoch``) that resuming and
 #: the curves read (a tuple: one of them), and of ``steps.jsonl``; all numbers, step and epoch counts.
 METRICS_FIELDS = ("epoch", "step", "train_objective", "train_bound", "train_seconds_total", ("test_bound", "valid_bound"))
 STEPS_FIELDS = ("step", "loss", "grad_norm")
@@ -287,7 +287,7 @@ def record_problem(record, fields: tuple) -> str | None:
 
 
 def data_fingerprint(data) -> dict:
-    """Split sizes and a hash of every image of a ``pyro_kpp.data.sets.ImageData``.
+    """Split sizes and a hash of every image of a ``pyro_kpp.data.ImageData``.
 
     Saved in each checkpoint: a resumed run must see the data it started with, and a folder
     swapped for another (or a data set re-split) changes the hash. Hashing the pixels rather

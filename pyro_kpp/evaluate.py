@@ -17,8 +17,12 @@ conditional bound: each image read from the memory its episode's other T - 1 ima
 proper density over the image, so it ranks against the VAE's bound on the same images (the
 conditional bound does not). For a conditional bound (K++, KM) the leave-one-out minus the full
 figure is the part of it that comes from the image storing itself, a difference of bounds, not
-information; DKM's and the VAE's full bounds are marginal, so for them it is not that. For class-structured episodes (``--episode-classes``) the random-key samples are
-also matched against every test image: how often their nearest one is of the episode's classes.
+information; DKM's and the VAE's full bounds are marginal, so for them it is not that.
+
+For a run trained on class-structured episodes (``--episode-classes``) the random-key samples
+are also matched against every test image: how often their nearest one is of one of the
+episode's classes. ``--random-episodes`` evaluates such a run on the same test images cut into
+random episodes instead (the papers' protocol), for contrast.
 """
 from __future__ import annotations
 
@@ -87,13 +91,15 @@ def particle_total(n_episodes: int, batch_size: int, T: int, samples: int, leave
 
 def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = None, device: str = "auto",
                  data_dir: str | None = None, seed: int = 0, progress: bool = True, compile: bool = False,
-                 leave_one_out: bool = True) -> dict:
+                 leave_one_out: bool = True, random_episodes: bool = False) -> dict:
     """Bounds of a run's checkpoint on its data set's fixed test episodes. ``compile`` runs the
     networks through ``torch.compile`` (``pyro_kpp.train.speed``; float32 as always).
     ``leave_one_out`` adds the leave-one-out bounds (``test_loo_bound``, ``test_loo_iw_bound``,
     their terms, and ``loo_minus_full``, the leave-one-out minus the full -ELBO: for a conditional
     bound (``conditional_bound``: K++, KM) the part that comes from each image storing itself);
-    it doubles the particles drawn and needs T >= 2."""
+    it doubles the particles drawn and needs T >= 2. ``random_episodes`` evaluates a run trained
+    on class-structured episodes on the same test images cut into random episodes instead
+    (``make_episodes``), for contrast; ``episode_structure`` in the result names which."""
     samples = count("samples", samples)
     if max_episodes is not None:
         max_episodes = count("max_episodes", max_episodes)
@@ -108,7 +114,7 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     if compile and not compiled:                          # say why it stays eager
         print(message, file=sys.stderr)
     data = data_lib.load_dataset(cfg.data, data_dir if data_dir is not None else cfg.data_dir)
-    episodes = make_episodes(cfg, data, dev)
+    episodes = make_episodes(cfg, data, dev, random_episodes=random_episodes)
     torch.manual_seed(seed)
     n_episodes = min(max_episodes or episodes.num_test_episodes(), episodes.num_test_episodes())
     leave_one_out = leave_one_out and cfg.episode_length >= 2
@@ -126,11 +132,12 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
            "memory_gain": result["memory_gain"], "test_terms_other_memory": result["foreign_terms"],
            "pareto_k": pareto_summary(np.concatenate(ks), "episodes" if model.memory_is_latent else "images")
            if ks else None, "episode_classes": cfg.episode_classes, "conditional_bound": model.conditional_bound,
+           "episode_structure": "random" if episodes.classes is None else f"{episodes.classes} classes",
            **diagnose(model, test_batches(episodes, max_episodes))}
     if leave_one_out:
         out.update(test_loo_bound=result["loo"], test_loo_iw_bound=result["loo_iw"], test_loo_terms=result["loo_terms"],
                    loo_minus_full=result["loo"] - result["elbo"])
-    if cfg.episode_classes is not None:
+    if cfg.episode_classes is not None:                   # class episodes, or their images in random episodes
         out.update(class_diagnose(model, test_batches(episodes, max_episodes), episodes.test_labels(),
                                   *episodes.test_pool()))
     if not LIKELIHOODS[cfg.likelihood].binarized:
@@ -156,20 +163,22 @@ def main(argv: list[str] | None = None) -> int:
                                                            "ratios)")
     p.add_argument("--no-leave-one-out", action="store_true", help="skip the leave-one-out bound (it doubles the "
                                                                    "particles drawn)")
+    p.add_argument("--random-episodes", action="store_true", help="a run trained on class-structured episodes: "
+                   "its test images in random episodes instead (the papers' protocol), for contrast")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--json implies it)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
     try:
         r = evaluate_run(args.run_dir, args.samples, args.episodes, args.device, args.data_dir, args.seed,
                          progress=not (args.json or args.no_progress), compile=args.compile,
-                         leave_one_out=not args.no_leave_one_out)
+                         leave_one_out=not args.no_leave_one_out, random_episodes=args.random_episodes)
     except (ValueError, TypeError, OSError) as exc:
         p.exit(2, f"error: {exc}\n")
     if args.json:
         print(json.dumps(r))
     else:
         print(f"{r['model']} on {r['data']} ({r['likelihood']} likelihood, step {r['step']}), "
-              f"{r['test_images']} test images")
+              f"{r['test_images']} test images in episodes of {r['episode_structure']}")
         bits = "test_bits_per_dim" in r
         kind = "conditional" if r["conditional_bound"] else "marginal"
         print(f"{f'test {kind} bound (-ELBO):':38s} {r['test_bound']:.2f} nats/image"
@@ -197,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(chance 50%); nearest-image distance {r['sample_distance_own']:.4f} own, "
                   f"{r['sample_distance_other']:.4f} another episode's")
         if r["episode_classes"] is not None:
-            print(f"random-key samples whose nearest test image is of one of the episode's {r['episode_classes']} "
-                  f"classes: {r['sample_nearest_in_classes']:.1%} (chance {r['sample_nearest_in_classes_chance']:.2%})")
+            print(f"random-key samples whose nearest test image is of one of their episode's classes: "
+                  f"{r['sample_nearest_in_classes']:.1%} (chance {r['sample_nearest_in_classes_chance']:.2%})")
     return 0
 
 

@@ -11,6 +11,7 @@ import torch
 from pyro_kpp import data as data_lib
 from pyro_kpp.api import load
 from pyro_kpp.cliargs import check_options, finite_float, positive_int
+from pyro_kpp.data.classes import class_split
 from pyro_kpp.data.episodes import Episodes, class_episodes
 from pyro_kpp.models.base import EpisodicModel, count
 from pyro_kpp.reading.iterative import (FEEDBACKS, MAX_READ_STEPS, PERTURBATION_STD, check_steps,
@@ -43,7 +44,8 @@ def figure_rows(model: EpisodicModel, x: torch.Tensor, mode: str, n: int = 8, st
     * perturbed: 4 rows, each n perturbations y + eps of one prior key (K++ Fig. 7);
     * clean-up: generations from prior keys, then each clean-up step (K++ Fig. 6 left);
     * one-shot: as clean-up, under the conditioning episode (KM Fig. 4, for x from
-      ``pyro_kpp.data.episodes.class_episodes``);
+      ``pyro_kpp.data.episodes.class_episodes``; the CLI draws it from the run's test classes,
+      the evaluation alphabets for a run trained with ``--episode-classes``);
     * interpolate: up to 4 rows between the keys of images (0, 1), (2, 3), ... (KM §4.3);
     * iterative-read: the episode, then each step of reading it iteratively (K++ eq. 7).
     """
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         binarize = model.likelihood.binarized
         if args.mode == "one-shot":
             T = args.episode_length or 12
-            x, _ = class_episodes(data, args.classes, T, seed=args.seed, binarize=binarize)
+            # a run trained on class episodes is shown its own test classes (Omniglot: new alphabets)
+            pool = class_split(data) if cfg.episode_classes is not None else data
+            x, _ = class_episodes(pool, args.classes, T, seed=args.seed, binarize=binarize)
         else:
             T = args.episode_length or cfg.episode_length
             if args.mode == "interpolate" and T < 2:

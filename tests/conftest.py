@@ -114,3 +114,14 @@ def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny_run")
     train(tiny_config(max_steps=3), run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_class_run(tmp_path_factory) -> Path:
+    """As ``tiny_run``, trained for 2 steps on class-structured episodes (2 characters of 2 drawings)."""
+    from helpers import tiny_config
+    from pyro_kpp.svi import train
+
+    run = tmp_path_factory.mktemp("tiny_class_run")
+    train(tiny_config(max_steps=2, episode_classes=2), run, progress=False)
+    return run

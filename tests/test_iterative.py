@@ -159,3 +159,20 @@ def test_every_model_reads_iteratively_through_the_interface(name, episode):
     after = memory.value if isinstance(memory.value, tuple) else (memory.value,)
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert G.clean_up(model, memory, model.prior_keys(memory, 3), 1).shape == (2, 2, 3, 1, 28, 28)
+
+
+def test_one_shot_figure_of_a_class_run_draws_its_test_classes(tiny_class_run, tmp_path, monkeypatch):
+    """A run trained on class episodes is shown characters of its own test split (new alphabets)."""
+    import pyro_kpp.generation as generation
+    from pyro_kpp.data.omniglot import OMNIGLOT_BACKGROUND_CHARACTERS
+    drawn = []
+
+    def spy(pool, *args, **kwargs):
+        drawn.append(pool)
+        return class_episodes(pool, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "class_episodes", spy)
+    out = tmp_path / "one-shot.png"
+    assert generation_main([str(tiny_class_run), "one-shot", "--out", str(out), "-n", "4", "--steps", "1",
+                            "--classes", "2", "-T", "4"]) == 0
+    assert len(drawn[0].test) == 13_180 and int(drawn[0].test_labels.min()) >= OMNIGLOT_BACKGROUND_CHARACTERS

@@ -239,3 +239,38 @@ def test_progress_counts_the_leave_one_out_particles():
     ticks = []
     evaluate(tiny("kpp"), [x[:3], x[3:]], samples=2, tick=ticks.append, leave_one_out=True)
     assert sum(ticks) == particle_total(4, 3, 3, 2, leave_one_out=True) > particle_total(4, 3, 3, 2)
+
+
+def test_random_episodes_of_a_class_run_cut_its_test_classes_at_random(omniglot):
+    """The contrast: the class split's test images (new alphabets) in random episodes."""
+    from pyro_kpp.config import Config
+    from pyro_kpp.data.episodes import make_episodes
+    cfg = Config(episode_classes=4, batch_size=4)
+    classes = make_episodes(cfg, omniglot, torch.device("cpu"))
+    random = make_episodes(cfg, omniglot, torch.device("cpu"), random_episodes=True)
+    assert random.classes is None and classes.classes == 4
+    assert len(random.data.test) == len(classes.data.test) == 13_180                   # the evaluation alphabets
+    assert random.num_test_episodes() == 13_180 // 32
+    labels = random.test_labels()                                                     # (E, T)
+    assert int(labels.min()) >= OMNIGLOT_BACKGROUND_CHARACTERS
+    distinct = torch.tensor([len(row.unique()) for row in labels]).float()
+    assert distinct.mean() > 20                                      # about 31 characters, not 4
+    with pytest.raises(ValueError, match="random_episodes: the run's episodes are random already"):
+        make_episodes(Config(), omniglot, torch.device("cpu"), random_episodes=True)
+
+
+def test_evaluate_a_class_run_on_its_classes_and_on_random_episodes(tiny_class_run, tiny_run, capsys):
+    from pyro_kpp import evaluate as evaluate_cli
+    kw = dict(samples=2, max_episodes=2, progress=False)
+    own = evaluate_cli.evaluate_run(str(tiny_class_run), **kw)
+    contrast = evaluate_cli.evaluate_run(str(tiny_class_run), random_episodes=True, **kw)
+    assert own["episode_structure"] == "2 classes" and contrast["episode_structure"] == "random"
+    assert own["test_images"] == contrast["test_images"] == 2 * 4
+    # a random episode of 4 drawings holds more of the 659 test characters than one of 2 characters
+    assert contrast["sample_nearest_in_classes_chance"] > own["sample_nearest_in_classes_chance"]
+    assert evaluate_cli.main([str(tiny_class_run), "-S", "2", "--episodes", "1", "--no-progress",
+                              "--random-episodes"]) == 0
+    assert "test images in episodes of random" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:                         # a run of random episodes: refused, by name
+        evaluate_cli.main([str(tiny_run), "-S", "2", "--episodes", "1", "--random-episodes"])
+    assert stop.value.code == 2 and "random_episodes" in capsys.readouterr().err

@@ -321,11 +321,22 @@ def class_episodes(
     return x, labels[index]
 
 
-def make_episodes(cfg: Config, data: ImageData, device: torch.device) -> Episodes:
-    """The run's episodes: binarized for a binary likelihood, 8-bit grey levels k/255 otherwise."""
+def make_episodes(cfg: Config, data: ImageData, device: torch.device, *, random_episodes: bool = False) -> Episodes:
+    """The run's episodes: binarized for a binary likelihood, 8-bit grey levels k/255 otherwise.
+
+    ``random_episodes``, for a run with class-structured episodes (``cfg.episode_classes``): the
+    same split (``class_split``: Omniglot's background / evaluation alphabets) cut into random
+    episodes instead, T images with no class structure, as the papers' protocol draws them. The
+    contrast isolates what the class structure gives: the same weights and test images, and
+    episodes whose other images say little about each image."""
     binarize = LIKELIHOODS[cfg.likelihood].binarized
+    classes = cfg.episode_classes
+    if random_episodes:
+        if classes is None:
+            raise ValueError("random_episodes: the run's episodes are random already (it has no episode_classes)")
+        data, classes = class_split(data), None
     return Episodes(data, cfg.episode_length, cfg.batch_size, seed=cfg.seed, binarize=binarize, device=device,
-                    valid_images=cfg.valid_images, classes=cfg.episode_classes)
+                    valid_images=cfg.valid_images, classes=classes)
 
 
 def test_batches(episodes: Episodes, max_episodes: int | None, split: str = "test"):

@@ -21,7 +21,7 @@ information; DKM's and the VAE's full bounds are marginal, so for them it is not
 
 For a run trained on class-structured episodes (``--episode-classes``) the random-key samples
 are also matched against every test image: how often their nearest one is of one of the
-episode's classes. ``--random-episodes`` evaluates such a run on the same test images cut into
+episode's classes. ``--random-episodes`` evaluates such a run on its test split cut into
 random episodes instead (the papers' protocol), for contrast.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def evaluate_run(run_dir: str, samples: int = 100, max_episodes: int | None = No
     their terms, and ``loo_minus_full``, the leave-one-out minus the full -ELBO: for a conditional
     bound (``conditional_bound``: K++, KM) the part that comes from each image storing itself);
     it doubles the particles drawn and needs T >= 2. ``random_episodes`` evaluates a run trained
-    on class-structured episodes on the same test images cut into random episodes instead
+    on class-structured episodes on its test split cut into random episodes instead
     (``make_episodes``), for contrast; ``episode_structure`` in the result names which."""
     samples = count("samples", samples)
     if max_episodes is not None:

@@ -327,8 +327,9 @@ def make_episodes(cfg: Config, data: ImageData, device: torch.device, *, random_
     ``random_episodes``, for a run with class-structured episodes (``cfg.episode_classes``): the
     same split (``class_split``: Omniglot's background / evaluation alphabets) cut into random
     episodes instead, T images with no class structure, as the papers' protocol draws them. The
-    contrast isolates what the class structure gives: the same weights and test images, and
-    episodes whose other images say little about each image."""
+    contrast isolates what the class structure gives: the same weights and test split (not the
+    identical images: the two draws leave out different remainders), and episodes whose other
+    images say little about each image."""
     binarize = LIKELIHOODS[cfg.likelihood].binarized
     classes = cfg.episode_classes
     if random_episodes:

@@ -290,12 +290,12 @@ class EpisodicModel(PyroModule):
             return over_leading(self.encoder, x, 3)             # (B, T, D)
         return episode_cached(self, x, "E", encode)
 
-    # -- leave-one-out memories: what the rest of an episode tells about an image --------------
-    def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
-        """``episode_cached`` values that make the programs, run on single-image episodes whose
-        embeddings are E_single (B', 1, D), read the memory written from ``others``
-        (B', T - 1, C, H, W) instead of one written from the image itself
-        (``pyro_kpp.inference.handlers.leave_one_out``). By default the memory written from
+    # -- held-out memories: what the rest of an episode tells about an image -------------------
+    def held_out_cache(self, others: torch.Tensor, E_held: torch.Tensor) -> dict:
+        """``episode_cached`` values that make the programs, run on episodes of held-out images whose
+        embeddings are E_held (B', n, D), read the memory written from ``others``
+        (B', T - n, C, H, W) instead of one written from the held-out images themselves
+        (``pyro_kpp.inference.handlers.held_out``). By default the memory written from
         ``others`` (K++, KM); a model whose memory is a latent variable also sets its prior (DKM)."""
         return {"memory": self.memory_from(others)}
 

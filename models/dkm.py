@@ -79,12 +79,13 @@ class DynamicKanervaMachine(EpisodicModel):
         self.q = DkmGuide(cfg.embed_size, cfg.code_size, raw_scale(W_SCALE_INIT), dense_spectral_norm(cfg))
 
     # -- writing -------------------------------------------------------------------------------
-    def write_memory(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, U) of q(M | X), (B, K, L) and (B, K, K): the codes (B, T, L) written one by one."""
+    def write_memory(self, codes: torch.Tensor, start: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, U) of q(M | X), (B, K, L) and (B, K, K): the codes (B, T, L) written one by one onto
+        ``start`` = (R, U), by default the prior MN(R0, U0)."""
         B, T, L = codes.shape
         K = self.cfg.slots
-        R = self.prior.loc.expand(B, K, L)
-        U = self.prior.row_covariance().expand(B, K, K)
+        R, U = start if start is not None else (self.prior.loc.expand(B, K, L), self.prior.row_covariance().expand(B, K, K))
         for t in range(T):
             R, U = self.write_step(R, U, codes[:, t])
         return R, U
@@ -108,19 +109,19 @@ class DynamicKanervaMachine(EpisodicModel):
         codes, R, U = episode_cached(self, x, "memory", lambda: self.codes_and_memory(x))
         return (codes, *episode_memory((R, U)))
 
-    def leave_one_out_cache(self, others: torch.Tensor, E_single: torch.Tensor) -> dict:
-        """DKM's memory is latent: written from X without x_t, it is the distribution
-        q(M | X_-t) = MN(R_-t, U_-t), and the leave-one-out model draws M from it instead of p(M):
-        ln p(x_t | M written from X_-t) = ln E_{q(M|X_-t)}[p(x_t | M)], a proper density over x_t.
-        Its guide is DKM's own write continued with x_t's code (one more ``write_step``), so the
-        memory KL of the bound is KL(q(M | X_-t, x_t) || q(M | X_-t)): what storing x_t costs."""
+    def held_out_cache(self, others: torch.Tensor, E_held: torch.Tensor) -> dict:
+        """DKM's memory is latent: written from X without the held-out images X_f, it is the
+        distribution q(M | X_-f) = MN(R_-f, U_-f), and the held-out model draws M from it instead of
+        p(M): ln p(X_f | M written from X_-f) = ln E_{q(M|X_-f)}[p(X_f | M)], a proper density over
+        X_f. Its guide is DKM's own write continued with X_f's codes (``write_step`` per image), so
+        the memory KL of the bound is KL(q(M | X_-f, X_f) || q(M | X_-f)): what storing X_f costs."""
         _, R, U = self.codes_and_memory(others)                                  # (B', K, L), (B', K, K)
-        codes = self.q.codes(E_single)                                       # (B', 1, L)
-        return {"memory": (codes, *self.write_step(R, U, codes[:, 0])), "memory_prior": (R, U)}
+        codes = self.q.codes(E_held)                                         # (B', n, L)
+        return {"memory": (codes, *self.write_memory(codes, (R, U))), "memory_prior": (R, U)}
 
     def memory_prior(self, x: torch.Tensor) -> MatrixNormal:
-        """p(M) = MN(R0, U0), or inside ``leave_one_out`` the memory written from the rest of the
-        episode, MN(R_-t, U_-t) with batch shape (B', 1)."""
+        """p(M) = MN(R0, U0), or inside ``held_out`` (``leave_one_out``) the memory written from the
+        rest of the episode, MN(R_-f, U_-f) with batch shape (B', 1)."""
         written = episode_cached(self, x, "memory_prior", lambda: None)
         if written is None:
             return self.prior.dist()

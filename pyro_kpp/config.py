@@ -15,7 +15,7 @@ from typing import Callable
 from pyro_kpp.maths.likelihoods import LIKELIHOODS
 from pyro_kpp.maths.spatial import KEY_MAPS
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 
 #: Training precisions: "auto" (the default) is bf16 where the device computes it natively
 #: (``pyro_kpp.train.speed.bf16_native``) and float32 elsewhere; "fp32" and "bf16" force one.
@@ -39,6 +39,8 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {
     3: lambda d: {"channels_last": False, **d, "version": 4},
     # 4 -> 5: class-structured episodes; earlier runs drew random episodes.
     4: lambda d: {"episode_classes": None, **d, "version": 5},
+    # 5 -> 6: the held-out objective; earlier runs trained on their paper's bound.
+    5: lambda d: {"objective": "paper", "held_out_folds": 2, **d, "version": 6},
 }
 #: Likelihood by data set when none is given: 8-bit colour sets get the discretized logistic
 #: mixture; the grey sets default to binarized data with a Bernoulli likelihood (K++ Table 1).
@@ -55,6 +57,10 @@ MAX_DKM_WRITE_ITERATIONS = 10
 MAX_LR = 1.0
 KM_READ_WRITE = ("mean", "distribution")
 ELBOS = ("trace", "meanfield")
+#: Training objectives (``pyro_kpp.inference.bound.training_loss``): "paper" = each model's paper's
+#: bound (K++ and KM: every image read from the memory its own episode wrote, itself included);
+#: "held-out" = each image read from the memory written without it (``held_out`` folds).
+OBJECTIVES = ("paper", "held-out")
 KPP_WRITES = ("pooled", "addressed", "addressed-mean", "blocks", "solved")
 #: Network presets (``pyro_kpp.nets.build.build_encoder``): "cpu" = small conv stacks; "paper" = K++
 #: Appendix E (TSM-ResNet18 encoder, EvoNormS0 decoder, spectral-norm dense nets, LARS(Adam) with
@@ -160,6 +166,15 @@ class Config:
     # optimisation
     elbo: str = opt("trace", "Pyro ELBO: trace = Trace_ELBO, meanfield = TraceMeanField_ELBO (analytic KLs)",
                     choices=ELBOS)
+    # What a memory model learns is decided by its objective (docs/memory-use-log.md, session 8):
+    # under the papers' conditional bound an image stores itself and reads itself back; under the
+    # held-out objective it can only gain from what the *other* images of its episode stored.
+    objective: str = opt("paper", "training objective: paper = the paper's bound (K++, KM: every image read from "
+                         "the memory written from its episode, itself included); held-out = the episode cut into "
+                         "--held-out-folds folds, each read from the memory the other folds wrote (reported bounds "
+                         "are unchanged; evaluation adds the leave-one-out bound)", choices=OBJECTIVES)
+    held_out_folds: int = opt(2, "folds of --objective held-out, a divisor of T from 2 to T (T = leave-one-out, "
+                              "T memories per episode)")
     lr: float = opt(1e-3, f"Adam learning rate (at most {MAX_LR:g}: Adam moves each weight by up to about lr per "
                     "step, so a larger rate rewrites the weights at every step)")
     kl_warmup: int = opt(1000, "steps over which the KL weight rises linearly from 0 to 1 (0 = none)")
@@ -315,6 +330,16 @@ class Config:
             raise ValueError(f"km_read_write: expected one of {KM_READ_WRITE}, got {self.km_read_write!r}")
         if self.elbo not in ELBOS:
             raise ValueError(f"elbo: expected 'trace' or 'meanfield', got {self.elbo!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "held-out":
+            if self.model == "vae":
+                raise ValueError("objective: 'held-out' scores images on a memory written without them; "
+                                 "the VAE has no memory (use --objective paper)")
+            T, F = self.episode_length, self.held_out_folds
+            if not isinstance(F, int) or not 2 <= F <= T or T % F:
+                raise ValueError(f"held_out_folds: expected a divisor of the episode length T = {T} from 2 to T, "
+                                 f"got {F!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

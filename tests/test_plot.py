@@ -43,3 +43,17 @@ def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plot.main([str(tmp_path)])
     assert stop.value.code == 2 and "RUN:" in capsys.readouterr().err
+
+
+def test_ymax_caps_the_bound_axes_to_the_curves_below_it(two_runs, tmp_path, capsys):
+    from pyro_kpp.viz.curves import draw
+
+    fig = draw(two_runs, ymax=1e4)
+    low, high = fig.axes[0].get_ylim()
+    first = [json.loads(line) for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert high == 1e4 and low <= min(r["test_bound"] for r in first)
+    assert fig.axes[2].get_ylim()[1] != 1e4                 # the per-step losses keep their own scale
+    assert plot.main([str(two_runs[0]), "--ymax", "1e4", "--out", str(tmp_path / "c.png")]) == 0
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(two_runs[0]), "--ymax", "nan"])
+    assert stop.value.code == 2 and "--ymax: expected a finite number" in capsys.readouterr().err

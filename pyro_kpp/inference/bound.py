@@ -24,6 +24,7 @@ two bounds, not an amount of information.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pyro
@@ -34,7 +35,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_kpp.inference.handlers import foreign_memory, leave_one_out, reuse_embedding
+from pyro_kpp.inference.handlers import foreign_memory, held_out, leave_one_out, reuse_embedding
 from pyro_kpp.models.base import EpisodicModel
 
 PARTICLE_DIM = -3  # left of the episodes (-2) and images (-1) plates
@@ -71,7 +72,8 @@ class ScaleLatents(Messenger):
 
 
 def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float = 1.0,
-                  key_kl_scale: float = 1.0, key_free_nats: float = 0.0) -> torch.Tensor:
+                  key_kl_scale: float = 1.0, key_free_nats: float = 0.0, held_out_folds: int | None = None
+                  ) -> torch.Tensor:
     """Differentiable negative ELBO per image of a batch of episodes (B, T, C, H, W).
 
     ``kl_scale`` < 1 weights the KL terms down, and ``key_kl_scale`` < 1 the key / address KL
@@ -80,35 +82,49 @@ def training_loss(model: EpisodicModel, x: torch.Tensor, elbo, kl_scale: float =
     key_free_nats) ("free bits", Kingma et al., 2016, §C.8): the keys may carry that many nats
     per image for free. This path computes the loss from the traces' Monte Carlo terms
     (``bound_terms``), which is what ``Trace_ELBO`` computes for reparametrised sites.
+    ``held_out_folds`` F (``--objective held-out``): the bound of every image read from the memory
+    the other F - 1 folds of its episode wrote (``held_out``), not the memory it wrote itself.
     """
     model_fn, guide_fn = model.model, model.guide
     sites = {model.address_site: key_kl_scale} if model.address_site and key_kl_scale != 1.0 else {}
-    if key_free_nats > 0:
-        with reuse_embedding():
-            model_tr, guide_tr, _ = particle_traces(model, x, 1)      # one particle: (1, B, T)
-        terms = {name: term.expand(1, *x.shape[:2]).mean()
-                 for name, term in bound_terms(model, model_tr, guide_tr, x.shape[1]).items()}
-        keys = torch.clamp(terms.pop("key_kl"), min=key_free_nats) * key_kl_scale
-        return terms.pop("reconstruction") + kl_scale * (sum(terms.values()) + keys)
-    if kl_scale != 1.0 or sites:
-        model_fn, guide_fn = ScaleLatents(kl_scale, sites)(model_fn), ScaleLatents(kl_scale, sites)(guide_fn)
-    with reuse_embedding():
-        loss = elbo.differentiable_loss(model_fn, guide_fn, x)
+    with scored_episodes(model, x, held_out_folds) as scored:            # (B, T, ...) or (B*F, T/F, ...)
+        if key_free_nats > 0:
+            model_tr, guide_tr, _ = particle_traces(model, scored, 1)    # one particle: (1, B', T')
+            terms = {name: term.expand(1, *scored.shape[:2]).mean()
+                     for name, term in bound_terms(model, model_tr, guide_tr, scored.shape[1]).items()}
+            keys = torch.clamp(terms.pop("key_kl"), min=key_free_nats) * key_kl_scale
+            return terms.pop("reconstruction") + kl_scale * (sum(terms.values()) + keys)
+        if kl_scale != 1.0 or sites:
+            model_fn, guide_fn = ScaleLatents(kl_scale, sites)(model_fn), ScaleLatents(kl_scale, sites)(guide_fn)
+        loss = elbo.differentiable_loss(model_fn, guide_fn, scored)
     return loss / (x.shape[0] * x.shape[1])
+
+
+@contextlib.contextmanager
+def scored_episodes(model: EpisodicModel, x: torch.Tensor, held_out_folds: int | None):
+    """The episodes a training loss scores, with each episode's embedding and memory computed once:
+    x itself (the paper's bound), or its held-out folds, each reading the other folds' memory."""
+    if held_out_folds is None:
+        with reuse_embedding():
+            yield x
+    else:
+        with held_out(model, x, held_out_folds) as held:
+            yield held
 
 
 class TrainingLoss(nn.Module):
     """``training_loss`` of ``model`` as a module whose ``forward`` returns it: what
     ``DistributedDataParallel`` wraps for data-parallel training (``pyro_kpp.train.distributed``)."""
 
-    def __init__(self, model: EpisodicModel, elbo):
+    def __init__(self, model: EpisodicModel, elbo, held_out_folds: int | None = None):
         super().__init__()
         self.model = model
         self.elbo = elbo
+        self.held_out_folds = held_out_folds
 
     def forward(self, x: torch.Tensor, kl_scale: float = 1.0, key_kl_scale: float = 1.0,
                 key_free_nats: float = 0.0) -> torch.Tensor:
-        return training_loss(self.model, x, self.elbo, kl_scale, key_kl_scale, key_free_nats)
+        return training_loss(self.model, x, self.elbo, kl_scale, key_kl_scale, key_free_nats, self.held_out_folds)
 
 
 def _per_image(site, T: int) -> torch.Tensor:

@@ -6,8 +6,10 @@ embedding E and the written memory). Outside these handlers both are plain calls
 
 * ``reuse_embedding()``: one encoder pass (and, for KM, one stochastic write) per episode tensor,
   shared by the guide, the model and every importance particle run inside it.
-* ``leave_one_out(model, x)``: the T images of each episode as T single-image episodes, each
-  reading the memory written from the other T - 1 images (the leave-one-out bound).
+* ``held_out(model, x, folds)``: each episode cut into ``folds`` interleaved folds, each fold
+  reading the memory written from the other folds (the held-out objective); with one image per
+  fold, ``leave_one_out(model, x)``: each image reads the memory of the other T - 1 (the
+  leave-one-out bound).
 * ``foreign_memory(shift=1)``: every episode b of a batch reads the memory written from episode
   b + shift. The bound computed inside, minus the bound outside, is the *memory gain*
   (``pyro_kpp.inference.bound.evaluate``). Only the memory is swapped: the encoder, keys and
@@ -76,29 +78,56 @@ def reuse_embedding(fn=None):
     return messenger(fn) if fn is not None else messenger
 
 
+def held_out_indices(T: int, folds: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold f of an episode of T images holds the images t with t % folds == f: returns their
+    indices (folds, T / folds) and those of the other folds' images (folds, T - T / folds), each in
+    episode order. Episodes are drawn shuffled (``pyro_kpp.data``), so interleaved folds are random
+    subsets, and with folds = T fold t is image t alone."""
+    if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= T or T % folds:
+        raise ValueError(f"folds: expected a divisor of the episode length T = {T} from 2 to T, got {folds!r}")
+    index = torch.arange(T, device=device)
+    in_fold = (index % folds).unsqueeze(0) == torch.arange(folds, device=device).unsqueeze(1)   # (F, T)
+    return index.expand(folds, T)[in_fold].view(folds, -1), index.expand(folds, T)[~in_fold].view(folds, -1)
+
+
 @contextlib.contextmanager
+def held_out(model, x: torch.Tensor, folds: int):
+    """Yields the images of x (B, T, C, H, W) as B*F episodes of T/F images, F = ``folds``: row
+    b*F + f holds fold f of episode b (``held_out_indices``). Inside, the model and guide run on
+    them read the memory written from the *other* folds of episode b, all B*F memories written at
+    once as a batch of episodes of T - T/F images (``model.held_out_cache``).
+
+    The bound of the programs on these episodes is ln p(fold f | M written from X without fold f),
+    a proper density over the held-out images: no image can store itself in the memory it is read
+    from. ``folds = T`` is the leave-one-out bound (``leave_one_out``); a training run with
+    ``--objective held-out`` optimises it with few folds (``pyro_kpp.inference.bound.training_loss``).
+    Everything but the memory is as in the full episode: each image's embedding is the one it has in
+    its episode (the same for encoders that do not mix the episode), so the guide's q(keys, z) is
+    unchanged. Gradients flow through both the held-out images and the memory's writers.
+    """
+    B, T = model.check_episode(x)
+    fold_of, others_of = held_out_indices(T, folds, x.device)
+    held = x[:, fold_of].flatten(0, 1)                                    # (B*F, T/F, C, H, W)
+    others = x[:, others_of].flatten(0, 1)                                # (B*F, T - T/F, C, H, W)
+    with reuse_embedding():
+        E_held = model.embed(x)[:, fold_of].flatten(0, 1)                 # (B*F, T/F, D)
+        preset = {"E": E_held, **model.held_out_cache(others, E_held)}
+    with ReuseEmbedding(held, {(id(model), what): value for what, value in preset.items()}):
+        yield held
+
+
 def leave_one_out(model, x: torch.Tensor):
-    """Yields the images of x (B, T, C, H, W) as B*T single-image episodes (B*T, 1, C, H, W), row
-    b*T + t holding x_bt; inside, the model and guide run on them read, for x_bt, the memory
-    written from the other T - 1 images of episode b: the T memories of each episode are written
-    at once, as a batch of B*T episodes of T - 1 images (``model.leave_one_out_cache``).
+    """``held_out`` with one image per fold: yields the images of x (B, T, C, H, W) as B*T
+    single-image episodes (B*T, 1, C, H, W), row b*T + t holding x_bt, each reading the memory
+    written from the other T - 1 images of episode b.
 
     The bound of the programs on these episodes is ln p(x_t | M written from X without x_t), a
-    proper density over x_t (``pyro_kpp.inference.bound.leave_one_out_particles``). Everything but
-    the memory is as in the full episode: each image's embedding is the one it has in its episode
-    (the same for encoders that do not mix the episode), so the guide's q(keys, z) is unchanged.
+    proper density over x_t (``pyro_kpp.inference.bound.leave_one_out_particles``).
     """
     B, T = model.check_episode(x)
     if T < 2:
         raise ValueError(f"episode: a leave-one-out memory needs episodes of at least 2 images, got T = {T}")
-    others_of = torch.arange(T, device=x.device).expand(T, T)[~torch.eye(T, dtype=torch.bool, device=x.device)]
-    others = x[:, others_of.view(T, T - 1)].flatten(0, 1)                # (B*T, T-1, C, H, W)
-    single = x.flatten(0, 1).unsqueeze(1)                                 # (B*T, 1, C, H, W)
-    with reuse_embedding():
-        E_single = model.embed(x).flatten(0, 1).unsqueeze(1)              # (B*T, 1, D)
-        preset = {"E": E_single, **model.leave_one_out_cache(others, E_single)}
-    with ReuseEmbedding(single, {(id(model), what): value for what, value in preset.items()}):
-        yield single
+    return held_out(model, x, T)
 
 
 def foreign_memory(fn=None, shift: int = 1):

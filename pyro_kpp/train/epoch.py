@@ -34,7 +34,7 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
     split = eval_split(cfg)
     with torch.random.fork_rng(devices=[first_test.device] if first_test.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1)
-        test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split))
+        test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split), leave_one_out=cfg.objective == "held-out")
         memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes, split))
         write_images(model, first_test, run_dir, state.epoch, cfg.seed)
         objective = state.loss_sum / max(state.loss_count, 1)
@@ -42,8 +42,9 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
                        if objective_is_weighted(cfg, state.step - state.epoch_step) else objective)
     record = {
         "epoch": state.epoch, "step": state.step, "epoch_complete": state.epoch_step >= episodes.steps_per_epoch(),
-        "train_objective": objective, "train_bound": train_bound, f"{split}_bound": test["elbo"],
+        "objective": cfg.objective, "train_objective": objective, "train_bound": train_bound, f"{split}_bound": test["elbo"],
         f"{split}_images": test["images"], f"{split}_terms": test["terms"],
+        **({f"{split}_loo_bound": test["loo"], f"{split}_loo_terms": test["loo_terms"]} if "loo" in test else {}),
         "memory_gain": test["memory_gain"], f"{split}_terms_other_memory": test["foreign_terms"], **memory_use,
         "train_seconds_total": round(state.train_seconds, 2),
         # < 1: train_objective is the warm-up objective, and train_bound the bound at the epoch's end
@@ -58,8 +59,10 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
 
 def objective_is_weighted(cfg: Config, step: int) -> bool:
     """Whether the training objective from ``step`` on differs from the bound (a KL weight below 1,
-    or free nats); the weights only rise, so the epoch's first step decides for the epoch."""
-    return kl_weight(cfg, step) != 1.0 or key_kl_weight(cfg, step) != 1.0 or key_free_nats(cfg, step) > 0
+    free nats, or the held-out objective); the weights only rise, so the epoch's first step decides
+    for the epoch."""
+    return (cfg.objective != "paper" or kl_weight(cfg, step) != 1.0 or key_kl_weight(cfg, step) != 1.0
+            or key_free_nats(cfg, step) > 0)
 
 
 def train_sample(episodes: Episodes, cfg: Config, epoch: int, most: int = TRAIN_BOUND_EPISODES):
@@ -82,10 +85,12 @@ def weights(record: dict) -> str:
 def report(record: dict) -> str:
     """The epoch's one line on stderr."""
     split = "valid" if "valid_bound" in record else "test"
+    kind = "held-out" if record.get("objective") == "held-out" else "warm-up"
     objective = ("" if record["train_objective"] == record["train_bound"] else
-                 f"warm-up objective {record['train_objective']:.2f} ({weights(record)}), ")
+                 f"{kind} objective {record['train_objective']:.2f} ({weights(record)}), ")
     return (f"epoch {record['epoch']} step {record['step']}: {objective}train bound {record['train_bound']:.2f}, "
             f"{split} bound {record[f'{split}_bound']:.2f} nats/image"
             + (f" = {record[f'{split}_bits_per_dim']:.3f} bits/dim" if f"{split}_bits_per_dim" in record else "")
+            + (f", leave-one-out {record[f'{split}_loo_bound']:.2f}" if f"{split}_loo_bound" in record else "")
             + (f", memory gain {record['memory_gain']:.2f}" if record["memory_gain"] is not None else "")
             + f" ({record['train_seconds']:.0f} s)")

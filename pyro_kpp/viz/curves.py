@@ -54,9 +54,10 @@ def progress_axis(runs: list[str | os.PathLike]) -> str:
     return "epoch" if complete else "step"
 
 
-def draw(runs: list[str | os.PathLike]):
+def draw(runs: list[str | os.PathLike], ymax: float | None = None):
     """The figure: bounds over epochs (steps, see ``progress_axis``), over training minutes and
-    (when logged) per step."""
+    (when logged) per step; a run that records the leave-one-out bound (``--objective held-out``)
+    also draws it, dotted. ``ymax`` caps the bound axes (a spike would flatten every curve)."""
     import matplotlib.pyplot as plt
 
     axis = progress_axis(runs)
@@ -70,6 +71,9 @@ def draw(runs: list[str | os.PathLike]):
                       (axes[1], [r["train_seconds_total"] / 60 for r in records])):
             ax.plot(x, [r[f"{split}_bound"] for r in records], "-o", ms=3, color=colour, label=f"{name} {split}")
             ax.plot(x, [r["train_bound"] for r in records], "--", color=colour, label=f"{name} train")
+            if f"{split}_loo_bound" in records[-1]:        # a held-out run: what its objective is for
+                ax.plot(x, [r.get(f"{split}_loo_bound") for r in records], ":", color=colour,
+                        label=f"{name} {split} leave-one-out")
         if run in with_steps:
             steps = read_jsonl(Path(run) / "steps.jsonl")
             axes[2].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6, color=colour, label=name)
@@ -78,14 +82,17 @@ def draw(runs: list[str | os.PathLike]):
         ax.set_ylabel("negative bound (nats/image)" if ax is not axes[-1] or not with_steps
                       else "training objective per step")
         ax.grid(alpha=0.3)
+        if ymax is not None and (ax is not axes[-1] or not with_steps):
+            low = min((y for line in ax.lines for y in line.get_ydata() if y is not None and y < ymax), default=ymax - 1)
+            ax.set_ylim(low - 0.05 * (ymax - low), ymax)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def save_curves(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Draw ``runs`` into ``out`` (PNG; never half-written)."""
-    return save_figure(draw(runs), out)
+def save_curves(runs: list[str | os.PathLike], out: str | os.PathLike, ymax: float | None = None) -> Path:
+    """Draw ``runs`` into ``out`` (PNG; never half-written), the bound axes capped at ``ymax`` if given."""
+    return save_figure(draw(runs, ymax), out)
 
 
 def save_curves_or_warn(run_dir: Path) -> None:

@@ -85,7 +85,9 @@ class DynamicKanervaMachine(EpisodicModel):
         ``start`` = (R, U), by default the prior MN(R0, U0)."""
         B, T, L = codes.shape
         K = self.cfg.slots
-        R, U = start if start is not None else (self.prior.loc.expand(B, K, L), self.prior.row_covariance().expand(B, K, K))
+        if start is None:
+            start = self.prior.loc.expand(B, K, L), self.prior.row_covariance().expand(B, K, K)
+        R, U = start
         for t in range(T):
             R, U = self.write_step(R, U, codes[:, t])
         return R, U

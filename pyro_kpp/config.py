@@ -95,6 +95,14 @@ def _has_type(value, kind: str) -> bool:
     raise TypeError(f"Config: no type check for the annotation {kind!r}")
 
 
+def check_folds(T: int, folds, argname: str = "folds") -> int:
+    """``folds`` if it cuts an episode of T images into equal folds of at least one image, from 2
+    to T (T = one image per fold, the leave-one-out bound); else a ValueError naming ``argname``."""
+    if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= T or T % folds:
+        raise ValueError(f"{argname}: expected a divisor of the episode length T = {T} from 2 to T, got {folds!r}")
+    return folds
+
+
 def opt(default, help: str, *, flags: tuple[str, ...] = (), default_text: str | None = None, **argparse_kwargs):
     """A field that is also a command-line option ``--field-name`` (``pyro_kpp.cliargs.add_config_options``):
     its help, extra ``flags`` (e.g. ``-T``), the default as the help shows it (``default_text``;
@@ -336,10 +344,12 @@ class Config:
             if self.model == "vae":
                 raise ValueError("objective: 'held-out' scores images on a memory written without them; "
                                  "the VAE has no memory (use --objective paper)")
-            T, F = self.episode_length, self.held_out_folds
-            if not isinstance(F, int) or not 2 <= F <= T or T % F:
-                raise ValueError(f"held_out_folds: expected a divisor of the episode length T = {T} from 2 to T, "
-                                 f"got {F!r}")
+            check_folds(self.episode_length, self.held_out_folds, "held_out_folds")
+
+    @property
+    def training_folds(self) -> int | None:
+        """The folds the training loss scores with ``--objective held-out``; None for the paper's bound."""
+        return self.held_out_folds if self.objective == "held-out" else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

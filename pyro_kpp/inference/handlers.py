@@ -32,6 +32,7 @@ import contextlib
 import torch
 from pyro.poutine.messenger import Messenger
 
+from pyro_kpp.config import check_folds
 from pyro_kpp.models.base import roll_episodes
 
 
@@ -83,8 +84,7 @@ def held_out_indices(T: int, folds: int, device=None) -> tuple[torch.Tensor, tor
     indices (folds, T / folds) and those of the other folds' images (folds, T - T / folds), each in
     episode order. Episodes are drawn shuffled (``pyro_kpp.data``), so interleaved folds are random
     subsets, and with folds = T fold t is image t alone."""
-    if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= T or T % folds:
-        raise ValueError(f"folds: expected a divisor of the episode length T = {T} from 2 to T, got {folds!r}")
+    check_folds(T, folds)
     index = torch.arange(T, device=device)
     in_fold = (index % folds).unsqueeze(0) == torch.arange(folds, device=device).unsqueeze(1)   # (F, T)
     return index.expand(folds, T)[in_fold].view(folds, -1), index.expand(folds, T)[~in_fold].view(folds, -1)

@@ -34,7 +34,8 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
     split = eval_split(cfg)
     with torch.random.fork_rng(devices=[first_test.device] if first_test.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1)
-        test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split), leave_one_out=cfg.objective == "held-out")
+        test = evaluate(model, test_batches(episodes, cfg.eval_episodes, split),
+                        leave_one_out=cfg.training_folds is not None)      # what a held-out run is for
         memory_use = diagnose(model, test_batches(episodes, cfg.eval_episodes, split))
         write_images(model, first_test, run_dir, state.epoch, cfg.seed)
         objective = state.loss_sum / max(state.loss_count, 1)
@@ -42,7 +43,8 @@ def evaluate_epoch(model, episodes: Episodes, cfg: Config, state: TrainState, ru
                        if objective_is_weighted(cfg, state.step - state.epoch_step) else objective)
     record = {
         "epoch": state.epoch, "step": state.step, "epoch_complete": state.epoch_step >= episodes.steps_per_epoch(),
-        "objective": cfg.objective, "train_objective": objective, "train_bound": train_bound, f"{split}_bound": test["elbo"],
+        "objective": cfg.objective, "train_objective": objective, "train_bound": train_bound,
+        f"{split}_bound": test["elbo"],
         f"{split}_images": test["images"], f"{split}_terms": test["terms"],
         **({f"{split}_loo_bound": test["loo"], f"{split}_loo_terms": test["loo_terms"]} if "loo" in test else {}),
         "memory_gain": test["memory_gain"], f"{split}_terms_other_memory": test["foreign_terms"], **memory_use,
@@ -61,7 +63,7 @@ def objective_is_weighted(cfg: Config, step: int) -> bool:
     """Whether the training objective from ``step`` on differs from the bound (a KL weight below 1,
     free nats, or the held-out objective); the weights only rise, so the epoch's first step decides
     for the epoch."""
-    return (cfg.objective != "paper" or kl_weight(cfg, step) != 1.0 or key_kl_weight(cfg, step) != 1.0
+    return (cfg.training_folds is not None or kl_weight(cfg, step) != 1.0 or key_kl_weight(cfg, step) != 1.0
             or key_free_nats(cfg, step) > 0)
 
 

@@ -79,8 +79,8 @@ class Run:
         message = speed.prepare(model, cfg.precision, cfg.compile, world.device, cfg.channels_last)[1]  # bf16: loss only
         if message and world.is_main:
             print(message, file=sys.stderr)
-        folds = cfg.held_out_folds if cfg.objective == "held-out" else None
-        loss_fn = world.data_parallel(TrainingLoss(model, make_elbo(cfg.elbo), folds))   # DDP: rank 0's weights everywhere
+        loss = TrainingLoss(model, make_elbo(cfg.elbo), cfg.training_folds)
+        loss_fn = world.data_parallel(loss)                     # DDP: rank 0's weights everywhere
         world.seed_sampling(cfg.seed)                           # per-rank noise (a no-op in one process)
         state = TrainState(*build_optimizer(cfg, model, episodes.steps_per_epoch()))   # by cfg.preset
         if resume_state is not None:
